@@ -1,0 +1,259 @@
+"""Execution: the pure functional EinMix -- ``init`` -> params dict, ``apply(params, x)``.
+
+``EinMix`` is a hashable description of one layer (plan + dtype options + initializers). Its
+``__call__`` runs a single module-level ``jax.jit`` with the layer as a static argument, so every
+layer with the same configuration shares one compiled function per input shape and dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+from ._errors import EinMixError
+from ._init import Initializer, lecun_uniform_bias, lecun_uniform_weight
+from ._lower import Lowering, lower
+from ._parse import Plan, normalize_axes, parse
+
+Params = dict[str, jax.Array]
+DotGeneral = Callable[..., jax.Array]
+
+
+def _dtype(dtype: DTypeLike | None) -> np.dtype | None:
+    return None if dtype is None else np.dtype(jnp.dtype(dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class EinMix:
+    """One EinMix layer, as pure functions: ``init(key) -> params`` and ``self(params, x) -> y``.
+
+    Build it with :func:`einmix_jax.init` (which also returns params) or :func:`layer`.
+
+    Example:
+        >>> layer = einmix_jax.layer('b t c -> b t d', bias_shape='d', c=4, d=3)
+        >>> layer
+        EinMix('b t c -> b t d', 'c d', 'd', c=4, d=3)
+        >>> params = layer.init(jax.random.key(0))
+        >>> layer(params, jnp.ones((2, 5, 4))).shape
+        (2, 5, 3)
+    """
+
+    plan: Plan
+    param_dtype: np.dtype = np.dtype("float32")  # noqa: RUF009 (immutable)
+    dtype: np.dtype | None = None
+    precision: Any = None
+    preferred_element_type: np.dtype | None = None
+    dot_general: DotGeneral = lax.dot_general
+    weight_init: Initializer | None = dataclasses.field(default=None, compare=False)
+    bias_init: Initializer | None = dataclasses.field(default=None, compare=False)
+
+    def __repr__(self) -> str:
+        return repr(self.plan)
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the params dict, e.g. ``{'weight': (4, 3), 'bias': (3,)}``."""
+        shapes = {"weight": self.plan.weight_sizes}
+        if self.plan.bias_sizes is not None:
+            shapes["bias"] = self.plan.bias_sizes
+        return shapes
+
+    def init_weight(self, key: jax.Array) -> jax.Array:
+        """Draw the weight, shaped as ``weight_shape`` declares."""
+        init = self.weight_init or lecun_uniform_weight(self.plan.fan_in)
+        return _checked(init(key, self.plan.weight_sizes, self.param_dtype), self, "weight")
+
+    def init_bias(self, key: jax.Array) -> jax.Array:
+        """Draw the bias, shaped as ``bias_shape`` declares (an error if there is no bias)."""
+        if self.plan.bias_sizes is None:
+            raise EinMixError(f"this layer has no bias ({self.plan.context()})")
+        init = self.bias_init or lecun_uniform_bias(self.plan.fan_in)
+        return _checked(init(key, self.plan.bias_sizes, self.param_dtype), self, "bias")
+
+    def init(self, key: jax.Array) -> Params:
+        """A fresh params dict: ``{'weight'}``, plus ``'bias'`` when the layer has one."""
+        weight_key, bias_key = jax.random.split(key)
+        params = {"weight": self.init_weight(weight_key)}
+        if self.plan.bias_sizes is not None:
+            params["bias"] = self.init_bias(bias_key)
+        return params
+
+    def __call__(self, params: Params, x: ArrayLike) -> jax.Array:
+        """Apply the layer: ``y = rearrange(contract(rearrange(x), weight) + bias)``."""
+        return _apply_jit(params, x, layer=self)
+
+
+def _checked(value: jax.Array, layer: EinMix, name: str) -> jax.Array:
+    expected = layer.param_shapes[name]
+    if tuple(value.shape) != expected:
+        raise EinMixError(
+            f"{name}_init returned shape {tuple(value.shape)}, expected {expected} "
+            f"({layer.plan.context()})"
+        )
+    return value
+
+
+def _transpose(a: jax.Array, perm: tuple[int, ...] | None) -> jax.Array:
+    return a if perm is None else jnp.transpose(a, perm)
+
+
+def _check_params(layer: EinMix, params: Any) -> tuple[jax.Array, jax.Array | None]:
+    ctx = layer.plan.context()
+    if not isinstance(params, dict) or "weight" not in params:
+        raise EinMixError(f"params must be a dict with a 'weight' entry ({ctx})")
+    expected = set(layer.param_shapes)
+    if set(params) != expected:
+        raise EinMixError(
+            f"params has entries {sorted(params)}, expected {sorted(expected)} ({ctx})"
+        )
+    for name, shape in layer.param_shapes.items():
+        got = tuple(jnp.shape(params[name]))
+        if got != shape:
+            axes = layer.plan.weight_shape if name == "weight" else layer.plan.bias_shape
+            raise EinMixError(
+                f"params[{name!r}] has shape {got}, expected {shape} for {axes!r} ({ctx})"
+            )
+    return params["weight"], params.get("bias")
+
+
+def _apply(params: Params, x: ArrayLike, *, layer: EinMix) -> jax.Array:
+    weight, bias = _check_params(layer, params)
+    x = jnp.asarray(x)
+    low = lower(layer.plan, tuple(x.shape))
+    dtype = layer.dtype
+    if dtype is None:
+        dtype = jnp.result_type(x, *params.values())
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            dtype = jnp.result_type(dtype, jnp.float32)
+    x, weight = x.astype(dtype), weight.astype(dtype)
+    y = execute(low, x, weight, layer)
+    if bias is not None:
+        y = y + _transpose(bias.astype(y.dtype), low.bias_perm).reshape(low.bias_shape)
+    return y.reshape(low.out_shape)
+
+
+def execute(low: Lowering, x: jax.Array, weight: jax.Array, layer: EinMix) -> jax.Array:
+    """Run a lowering's contraction; returns the output with groups split (before the bias)."""
+    x = x.reshape(low.x_flat_shape)
+    if low.sum_axes:
+        x = x.sum(low.sum_axes)
+    x = _transpose(x, low.x_perm).reshape(low.x_dot_shape)
+    w = _transpose(weight, low.w_perm)
+    if low.w_broadcast is not None:
+        w = jnp.broadcast_to(w.reshape(low.w_broadcast[0]), low.w_broadcast[1])
+    w = w.reshape(low.w_dot_shape)
+    lhs, rhs = (x, w) if low.x_first else (w, x)
+    y = layer.dot_general(
+        lhs,
+        rhs,
+        low.dimension_numbers,
+        precision=layer.precision,
+        preferred_element_type=layer.preferred_element_type,
+    )
+    y = _transpose(y.reshape(low.y_split_shape), low.y_perm)
+    return y.reshape(low.out_flat_shape)
+
+
+_apply_jit = jax.jit(_apply, static_argnames=("layer",))
+
+
+def layer(
+    pattern: str,
+    /,
+    *,
+    weight_shape: str | None = None,
+    bias_shape: str | None = None,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = None,
+    precision: Any = None,
+    preferred_element_type: DTypeLike | None = None,
+    weight_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
+    dot_general: DotGeneral = lax.dot_general,
+    **axes: int,
+) -> EinMix:
+    """Describe an EinMix layer without drawing params (see :func:`init` for the arguments).
+
+    Example:
+        >>> einmix_jax.layer('b c -> b d', c=3, d=2).param_shapes
+        {'weight': (3, 2)}
+    """
+    context = f"pattern {pattern!r}"
+    plan = parse(pattern, weight_shape, bias_shape, normalize_axes(axes, context))
+    if isinstance(precision, list):
+        precision = tuple(precision)
+    return EinMix(
+        plan=plan,
+        param_dtype=np.dtype(jnp.dtype(param_dtype)),
+        dtype=_dtype(dtype),
+        precision=precision,
+        preferred_element_type=_dtype(preferred_element_type),
+        dot_general=dot_general,
+        weight_init=weight_init,
+        bias_init=bias_init,
+    )
+
+
+def init(
+    pattern: str,
+    key: jax.Array,
+    /,
+    *,
+    weight_shape: str | None = None,
+    bias_shape: str | None = None,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = None,
+    precision: Any = None,
+    preferred_element_type: DTypeLike | None = None,
+    weight_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
+    dot_general: DotGeneral = lax.dot_general,
+    **axes: int,
+) -> tuple[Params, EinMix]:
+    """Create an EinMix layer: a params dict and the pure, jitted ``apply(params, x)``.
+
+    Args:
+        pattern: input and output axes, e.g. ``'b t (h c) -> b t (h d)'``.
+        key: a ``jax.random.key`` or legacy ``PRNGKey``.
+        weight_shape: the weight's axes in storage order, e.g. ``'h c d'``; ``None`` infers the
+            axes only in the input, then those only in the output; ``''`` is a scalar weight.
+        bias_shape: the bias's axes (all in the output, after any ``...``); ``None``: no bias.
+        param_dtype: dtype of the stored params.
+        dtype: dtype of the computation and the output (inputs and params are cast to it);
+            ``None`` promotes the input's and the params' dtypes.
+        precision: passed to ``lax.dot_general`` (``lax.Precision``, a string or a pair).
+        preferred_element_type: accumulation/output dtype passed to ``lax.dot_general``.
+        weight_init, bias_init: ``(key, shape, dtype) -> Array``; default: symmetric uniform
+            with variance ``1/fan_in`` for the weight and bound ``sqrt(1/fan_in)`` for the bias.
+        dot_general: the contraction, ``lax.dot_general`` by default (a hook for quantisation).
+        **axes: axis lengths; every weight and bias axis needs one.
+
+    Example:
+        >>> params, apply = einmix_jax.init('b t (h c) -> b t (h d)', jax.random.key(0),
+        ...                                 weight_shape='h c d', bias_shape='h d', h=2, c=3, d=4)
+        >>> jax.tree.map(jnp.shape, params)
+        {'bias': (2, 4), 'weight': (2, 3, 4)}
+        >>> apply(params, jnp.ones((5, 7, 6))).shape
+        (5, 7, 8)
+    """
+    mix = layer(
+        pattern,
+        weight_shape=weight_shape,
+        bias_shape=bias_shape,
+        param_dtype=param_dtype,
+        dtype=dtype,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        weight_init=weight_init,
+        bias_init=bias_init,
+        dot_general=dot_general,
+        **axes,
+    )
+    return mix.init(key), mix

@@ -1,0 +1,255 @@
+"""Parsing: pattern, weight shape, bias shape and axis lengths -> a validated, hashable ``Plan``.
+
+Nothing here touches arrays or JAX. Every rule of einops' EinMix mixin is checked once, when the
+plan is built, and plans are cached on their (hashable) arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+
+from einops import EinopsError
+from einops.parsing import ParsedExpression
+
+from ._errors import EinMixError, axes_list, describe_call
+
+ELLIPSIS = "…"  # einops' internal name for '...'
+
+#: A group of an expression: a tuple of axis names (may hold ELLIPSIS), or ELLIPSIS alone for a
+#: bare ``...``.
+Group = tuple[str, ...] | str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A parsed, validated EinMix configuration; hashable, so it can be a static jit argument.
+
+    Example:
+        >>> plan = parse('b t (h c) -> b t (h d)', 'h c d', 'h d', (('h', 2), ('c', 3), ('d', 4)))
+        >>> plan.weight_axes, plan.weight_sizes, plan.bias_sizes, plan.fan_in
+        (('h', 'c', 'd'), (2, 3, 4), (2, 4), 3)
+    """
+
+    pattern: str
+    weight_shape: str
+    bias_shape: str | None
+    axes: tuple[tuple[str, int], ...]  #: lengths the user gave, in the order given
+    left: tuple[Group, ...]  #: input composition
+    right: tuple[Group, ...]  #: output composition
+    weight_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...] | None  #: None when there is no bias
+    weight_sizes: tuple[int, ...]
+    bias_sizes: tuple[int, ...] | None
+    fan_in: int  #: product of the weight axes absent from the output
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The lengths known without looking at an input."""
+        return dict(self.axes)
+
+    def context(self) -> str:
+        """The configuration in the user's words, for error messages."""
+        return describe_call(self.pattern, self.weight_shape, self.bias_shape)
+
+    def __repr__(self) -> str:
+        args = [repr(self.pattern), repr(self.weight_shape)]
+        if self.bias_shape is not None:
+            args.append(repr(self.bias_shape))
+        args += [f"{name}={length}" for name, length in self.axes]
+        return f"EinMix({', '.join(args)})"
+
+
+def _composition(expr: ParsedExpression) -> tuple[Group, ...]:
+    return tuple(g if isinstance(g, str) else tuple(g) for g in expr.composition)
+
+
+def _parse_expression(text: str, what: str) -> ParsedExpression:
+    try:
+        return ParsedExpression(text)
+    except EinopsError as e:
+        raise EinMixError(f"cannot parse {what} {text!r}: {e}") from None
+
+
+def infer_weight_shape(pattern: str) -> str:
+    """The default weight axes: axes only in the input, then axes only in the output.
+
+    Example:
+        >>> infer_weight_shape('b t c -> b t d'), infer_weight_shape('b t c -> b u c')
+        ('c d', 't u')
+    """
+    left_text, right_text = _split_pattern(pattern)
+    left = _parse_expression(left_text, "input side")
+    right = _parse_expression(right_text, "output side")
+    in_order = [a for g in left.composition if not isinstance(g, str) for a in g]
+    out_order = [a for g in right.composition if not isinstance(g, str) for a in g]
+    axes = [a for a in in_order if a not in right.identifiers and a != ELLIPSIS]
+    axes += [a for a in out_order if a not in left.identifiers and a != ELLIPSIS]
+    if not axes:
+        raise EinMixError(
+            f"cannot infer the weight axes of {pattern!r}: no axis is only in the input or only in "
+            "the output; pass weight_shape='...' naming the weight's axes"
+        )
+    return " ".join(axes)
+
+
+def _split_pattern(pattern: object) -> tuple[str, str]:
+    if not isinstance(pattern, str):
+        raise EinMixError(f"pattern must be a string like 'b c -> b d', got {pattern!r}")
+    if pattern.count("->") != 1:
+        raise EinMixError(
+            f"pattern {pattern!r} must contain exactly one '->' between input and output axes"
+        )
+    left, right = pattern.split("->")
+    return left, right
+
+
+def normalize_axes(axes: dict[str, object], context: str) -> tuple[tuple[str, int], ...]:
+    """Check that every axis length is a positive integer; return them as a hashable tuple.
+
+    Example:
+        >>> normalize_axes({'c': 3}, "pattern 'b c -> b d'")
+        (('c', 3),)
+    """
+    out = []
+    for name, length in axes.items():
+        try:
+            value = operator.index(length)  # type: ignore[call-overload]
+        except TypeError:
+            value = None
+        if value is None or isinstance(length, bool) or value <= 0:
+            raise EinMixError(
+                f"axis {name!r}: length must be a positive integer, got {length!r} ({context})"
+            )
+        out.append((name, value))
+    return tuple(out)
+
+
+def parse(
+    pattern: str,
+    weight_shape: str | None,
+    bias_shape: str | None,
+    axes: tuple[tuple[str, int], ...],
+) -> Plan:
+    """Validate a configuration and build its plan (cached on the hashable arguments).
+
+    ``weight_shape=None`` infers the weight axes (see :func:`infer_weight_shape`).
+
+    Example:
+        >>> parse('b c -> b d', None, 'd', (('c', 3), ('d', 4))).weight_shape
+        'c d'
+    """
+    if bias_shape is not None and not isinstance(bias_shape, str):
+        raise EinMixError(
+            f"bias_shape must be a string naming the bias axes (e.g. 'd') or None, got "
+            f"{bias_shape!r} ({describe_call(str(pattern), weight_shape, None)})"
+        )
+    if weight_shape is not None and not isinstance(weight_shape, str):
+        raise EinMixError(
+            f"weight_shape must be a string naming the weight axes (e.g. 'c d') or None, got "
+            f"{weight_shape!r} (pattern {pattern!r})"
+        )
+    return _parse_cached(pattern, weight_shape, bias_shape, axes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(
+    pattern: str,
+    weight_shape: str | None,
+    bias_shape: str | None,
+    axes: tuple[tuple[str, int], ...],
+) -> Plan:
+    left_text, right_text = _split_pattern(pattern)
+    if weight_shape is None:
+        weight_shape = infer_weight_shape(pattern)
+    ctx = describe_call(pattern, weight_shape, bias_shape)
+    left = _parse_expression(left_text, "input side")
+    right = _parse_expression(right_text, "output side")
+    weight = _parse_expression(weight_shape, "weight_shape")
+    lengths = dict(axes)
+
+    unknown = right.identifiers - left.identifiers - weight.identifiers
+    if unknown:
+        raise EinMixError(
+            f"axes {axes_list(unknown)} on the output side are neither in the input nor in the "
+            f"weight ({ctx})"
+        )
+    if weight.has_ellipsis:
+        raise EinMixError(
+            f"'...' is not allowed in weight_shape: its shape must be explicit ({ctx})"
+        )
+    if left.has_ellipsis != right.has_ellipsis:
+        raise EinMixError(f"'...' must be on both sides of the pattern or on neither ({ctx})")
+    if left.has_ellipsis_parenthesized:
+        raise EinMixError(f"'...' cannot be in parentheses on the input side ({ctx})")
+    for expr, what in ((left, "input side"), (right, "output side"), (weight, "weight_shape")):
+        if expr.has_non_unitary_anonymous_axes:
+            raise EinMixError(
+                f"numeric axes other than 1 are not allowed in EinMix ({what}; {ctx}); name the "
+                "axis and pass its length instead"
+            )
+    if any(not isinstance(g, str) and len(g) != 1 for g in weight.composition):
+        raise EinMixError(f"parentheses and '1' are not allowed in weight_shape ({ctx})")
+    weight_axes = tuple(g[0] for g in weight.composition)
+
+    missing = [a for a in weight_axes if a not in lengths]
+    if missing:
+        raise EinMixError(
+            f"weight axes {axes_list(missing)} need a length: pass e.g. {missing[0]}=... ({ctx})"
+        )
+    unused = set(lengths) - left.identifiers - weight.identifiers
+    if unused:
+        raise EinMixError(
+            f"lengths given for axes {axes_list(unused)} that are neither in the input nor in the "
+            f"weight ({ctx})"
+        )
+    redundant = weight.identifiers - left.identifiers - right.identifiers
+    if redundant:
+        raise EinMixError(
+            f"weight axes {axes_list(redundant)} are in neither side of the pattern ({ctx})"
+        )
+
+    bias_axes = bias_sizes = None
+    if bias_shape is not None:
+        bias = _parse_expression(bias_shape, "bias_shape")
+        if bias.has_ellipsis or any(len(g) != 1 for g in bias.composition):
+            raise EinMixError(
+                f"bias_shape must list axis names only, without '...', parentheses or '1' ({ctx})"
+            )
+        bias_axes = tuple(g[0] for g in bias.composition)
+        absent = bias.identifiers - right.identifiers
+        if absent:
+            raise EinMixError(f"bias axes {axes_list(absent)} are not in the output ({ctx})")
+        unsized = bias.identifiers - set(lengths)
+        if unsized:
+            raise EinMixError(
+                f"bias axes {axes_list(unsized)} need a length: pass e.g. "
+                f"{sorted(unsized)[0]}=... ({ctx})"
+            )
+        seen_bias_axis = None
+        for group in right.composition:
+            for axis in [group] if isinstance(group, str) else group:
+                if axis == ELLIPSIS and seen_bias_axis is not None:
+                    raise EinMixError(
+                        f"bias axis {seen_bias_axis!r} stands before '...' in the output; bias "
+                        f"axes must come after the ellipsis ({ctx})"
+                    )
+                if axis in bias.identifiers:
+                    seen_bias_axis = axis
+        bias_sizes = tuple(lengths[a] for a in bias_axes)
+
+    return Plan(
+        pattern=pattern,
+        weight_shape=weight_shape,
+        bias_shape=bias_shape,
+        axes=axes,
+        left=_composition(left),
+        right=_composition(right),
+        weight_axes=weight_axes,
+        bias_axes=bias_axes,
+        weight_sizes=tuple(lengths[a] for a in weight_axes),
+        bias_sizes=bias_sizes,
+        fan_in=math.prod(lengths[a] for a in weight_axes if a not in right.identifiers),
+    )
