@@ -34,7 +34,7 @@ import functools
 import math
 
 from ._errors import EinMixError
-from ._parse import ELLIPSIS, Plan
+from ._parse import ELLIPSIS, Plan, read_sizes
 
 Perm = tuple[int, ...] | None  # None: no transpose
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
@@ -73,47 +73,7 @@ def resolve_sizes(plan: Plan, x_shape: tuple[int, ...]) -> tuple[dict[str, int],
         >>> resolve_sizes(plan, (6, 4))
         ({'t': 3, 'c': 4, 'd': 2, 'b': 2}, 0)
     """
-    ctx = plan.context()
-    sizes = plan.sizes
-    n_named = sum(1 for g in plan.left if g != ELLIPSIS)
-    has_ellipsis = ELLIPSIS in plan.left
-    if (len(x_shape) != n_named) if not has_ellipsis else (len(x_shape) < n_named):
-        expected = f"at least {n_named}" if has_ellipsis else str(n_named)
-        raise EinMixError(
-            f"input of shape {x_shape} has rank {len(x_shape)}, expected {expected} ({ctx})"
-        )
-    n_ellipsis = len(x_shape) - n_named
-    dims = iter(x_shape)
-    for group in plan.left:
-        if group == ELLIPSIS:
-            for _ in range(n_ellipsis):
-                next(dims)
-            continue
-        length = next(dims)
-        unknown = [a for a in group if a not in sizes]
-        known = math.prod(sizes[a] for a in group if a in sizes)
-        where = f"in input shape {x_shape} ({ctx})"
-        if not group:
-            if length != 1:
-                raise EinMixError(f"axis '1': expected length 1, got {length} {where}")
-        elif not unknown:
-            if known != length:
-                name = f"axis {group[0]!r}" if len(group) == 1 else f"group ({' '.join(group)})"
-                detail = "" if len(group) == 1 else f" = {' * '.join(str(sizes[a]) for a in group)}"
-                raise EinMixError(f"{name}: expected {known}{detail}, got {length} {where}")
-        elif len(unknown) == 1:
-            if length % known:
-                raise EinMixError(
-                    f"group ({' '.join(group)}) of length {length} is not divisible by the "
-                    f"known {known} to give axis {unknown[0]!r} {where}"
-                )
-            sizes[unknown[0]] = length // known
-        else:
-            raise EinMixError(
-                f"cannot determine the lengths of axes {', '.join(map(repr, unknown))} in group "
-                f"({' '.join(group)}) of length {length}: pass all but one of them {where}"
-            )
-    return sizes, n_ellipsis
+    return read_sizes(plan.left, plan.sizes, x_shape, plan.context())
 
 
 def _expand(groups: tuple, n_ellipsis: int) -> list[tuple[str, ...]]:

@@ -253,3 +253,83 @@ def _parse_cached(
         bias_sizes=bias_sizes,
         fan_in=math.prod(lengths[a] for a in weight_axes if a not in right.identifiers),
     )
+
+
+def param_sizes_from_input(
+    pattern: str,
+    weight_shape: str | None,
+    bias_shape: str | None,
+    axes: tuple[tuple[str, int], ...],
+    x_shape: tuple[int, ...],
+) -> tuple[tuple[str, int], ...]:
+    """``axes`` completed with the weight and bias lengths that an input of ``x_shape`` fixes.
+
+    Only the axes the params need are read off the input, so batch-like axes stay free. This is
+    how the Flax layers infer sizes at init, as ``nn.Dense`` reads its input features.
+
+    Example:
+        >>> param_sizes_from_input('b t (h c) -> b t (h d)', 'h c d', None, (('h', 2), ('d', 5)), (7, 3, 8))
+        (('h', 2), ('d', 5), ('c', 4))
+    """
+    left_text, _ = _split_pattern(pattern)
+    if weight_shape is None:
+        weight_shape = infer_weight_shape(pattern)
+    ctx = describe_call(pattern, weight_shape, bias_shape)
+    left = _composition(_parse_expression(left_text, "input side"))
+    sizes, _ = read_sizes(left, dict(axes), tuple(x_shape), ctx)
+    needed = set(_parse_expression(weight_shape, "weight_shape").identifiers)
+    if isinstance(bias_shape, str):
+        needed |= _parse_expression(bias_shape, "bias_shape").identifiers
+    given = dict(axes)
+    return axes + tuple((a, n) for a, n in sizes.items() if a in needed and a not in given)
+
+
+def read_sizes(
+    left: tuple[Group, ...], known: dict[str, int], x_shape: tuple[int, ...], ctx: str
+) -> tuple[dict[str, int], int]:
+    """Check ``x_shape`` against the input composition ``left``; infer the unknown lengths.
+
+    Returns ``known`` completed with every axis the input determines, and the ellipsis rank.
+    Raises ``EinMixError`` naming the axis on a wrong rank, a contradicting length or a group
+    whose lengths can't be determined. ``ctx`` is appended to messages.
+    """
+    sizes = dict(known)
+    n_named = sum(1 for g in left if g != ELLIPSIS)
+    has_ellipsis = ELLIPSIS in left
+    if (len(x_shape) != n_named) if not has_ellipsis else (len(x_shape) < n_named):
+        expected = f"at least {n_named}" if has_ellipsis else str(n_named)
+        raise EinMixError(
+            f"input of shape {x_shape} has rank {len(x_shape)}, expected {expected} ({ctx})"
+        )
+    n_ellipsis = len(x_shape) - n_named
+    dims = iter(x_shape)
+    for group in left:
+        if group == ELLIPSIS:
+            for _ in range(n_ellipsis):
+                next(dims)
+            continue
+        length = next(dims)
+        unknown = [a for a in group if a not in sizes]
+        known_product = math.prod(sizes[a] for a in group if a in sizes)
+        where = f"in input shape {x_shape} ({ctx})"
+        if not group:
+            if length != 1:
+                raise EinMixError(f"axis '1': expected length 1, got {length} {where}")
+        elif not unknown:
+            if known_product != length:
+                name = f"axis {group[0]!r}" if len(group) == 1 else f"group ({' '.join(group)})"
+                detail = "" if len(group) == 1 else f" = {' * '.join(str(sizes[a]) for a in group)}"
+                raise EinMixError(f"{name}: expected {known_product}{detail}, got {length} {where}")
+        elif len(unknown) == 1:
+            if length % known_product:
+                raise EinMixError(
+                    f"group ({' '.join(group)}) of length {length} is not divisible by the "
+                    f"known {known_product} to give axis {unknown[0]!r} {where}"
+                )
+            sizes[unknown[0]] = length // known_product
+        else:
+            raise EinMixError(
+                f"cannot determine the lengths of axes {', '.join(map(repr, unknown))} in group "
+                f"({' '.join(group)}) of length {length}: pass all but one of them {where}"
+            )
+    return sizes, n_ellipsis
