@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import math
 
-from ._errors import EinMixError
 from ._parse import ELLIPSIS, Plan, read_sizes
 
 Perm = tuple[int, ...] | None  # None: no transpose
