@@ -17,11 +17,12 @@ import importlib
 from typing import Any
 
 from ._core import EinMix, init, layer
+from ._describe import describe
 from ._errors import EinMixError
 from ._init import Initializer
 
 __version__ = "0.1.0"
-__all__ = ["EinMix", "EinMixError", "Initializer", "__version__", "init", "layer"]
+__all__ = ["EinMix", "EinMixError", "Initializer", "__version__", "describe", "init", "layer"]
 
 _SUBMODULES = ("linen", "nnx")
 
