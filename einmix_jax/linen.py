@@ -1,0 +1,193 @@
+"""Flax linen layer: ``EinMix``, a drop-in for ``einops.layers.flax.EinMix`` over the functional core.
+
+The module holds no parsing, init math or contraction of its own: at each call it builds the
+functional :class:`einmix_jax.EinMix` (axis lengths that ``sizes`` omits are read off the input, as
+``nn.Dense`` reads its input features), registers the core's params under the same names, and calls
+the core. ``variables['params']`` is therefore exactly the functional params dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import FrozenDict
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+from . import _core
+from ._errors import EinMixError, describe_call
+from ._init import Initializer
+from ._parse import ELLIPSIS, normalize_axes, param_sizes_from_input
+
+__all__ = ["EinMix", "from_einops"]
+
+
+class EinMix(nn.Module):
+    """EinMix as a Flax linen module; the fields come in ``einops.layers.flax.EinMix``'s order.
+
+    Attributes:
+        pattern: input and output axes, e.g. ``'b t (h c) -> b t (h d)'``.
+        weight_shape: the weight's axes, e.g. ``'h c d'``; ``None`` infers them (see
+            :func:`einmix_jax.init`).
+        bias_shape: the bias's axes, e.g. ``'h d'``; ``None``: no bias.
+        sizes: axis lengths. Weight and bias axes that the input determines may be left out: they
+            are read off the input at init. Stored as a ``FrozenDict``, so the module is hashable.
+        dtype: computation dtype; ``None`` promotes the input's and the params' dtypes.
+        param_dtype: dtype of the stored params.
+        precision: passed to the contraction.
+        weight_init, bias_init: ``(key, shape, dtype) -> Array``; ``None``: the core's default
+            (symmetric uniform, variance ``1/fan_in`` for the weight).
+        dot_general: the contraction, ``lax.dot_general`` by default (a hook for quantisation).
+        preferred_element_type: accumulation dtype passed to ``dot_general``.
+
+    Example:
+        >>> import flax.linen as nn
+        >>> layer = em.linen.EinMix('b t (h c) -> b t (h d)', 'h c d', 'h d', sizes=dict(h=2, d=3))
+        >>> layer
+        EinMix('b t (h c) -> b t (h d)', 'h c d', 'h d', sizes={'h': 2, 'd': 3})
+        >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 5, 8)))  # c = 8 / 2 read off x
+        >>> jax.tree.map(jnp.shape, variables['params'])
+        {'bias': (2, 3), 'weight': (2, 4, 3)}
+        >>> layer.apply(variables, jnp.ones((7, 5, 8))).shape  # any batch and time length
+        (7, 5, 6)
+    """
+
+    pattern: str
+    weight_shape: str | None = None
+    bias_shape: str | None = None
+    sizes: Mapping[str, int] = FrozenDict()
+    dtype: DTypeLike | None = None
+    param_dtype: DTypeLike = jnp.float32
+    precision: Any = None
+    weight_init: Initializer | None = None
+    bias_init: Initializer | None = None
+    dot_general: _core.DotGeneral = lax.dot_general
+    preferred_element_type: DTypeLike | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sizes, FrozenDict):
+            # A dict would make the module unhashable (as einops' layer is).
+            object.__setattr__(self, "sizes", FrozenDict(self.sizes))
+        super().__post_init__()
+
+    def __repr__(self) -> str:
+        args = [repr(self.pattern)]
+        if self.weight_shape is not None or self.bias_shape is not None:
+            args.append(repr(self.weight_shape))
+        if self.bias_shape is not None:
+            args.append(repr(self.bias_shape))
+        if self.sizes:
+            args.append(f"sizes={dict(self.sizes)!r}")
+        args += _options_repr(self)
+        return f"EinMix({', '.join(args)})"
+
+    def functional(self, x_shape: tuple[int, ...]) -> _core.EinMix:
+        """The functional layer this module runs for inputs of ``x_shape``.
+
+        Example:
+            >>> em.linen.EinMix('b c -> b d', sizes={'d': 3}).functional((2, 4))
+            EinMix('b c -> b d', 'c d', d=3, c=4)
+        """
+        context = describe_call(self.pattern, self.weight_shape, self.bias_shape)
+        axes = normalize_axes(dict(self.sizes), context)
+        axes = param_sizes_from_input(
+            self.pattern, self.weight_shape, self.bias_shape, axes, tuple(x_shape)
+        )
+        return _core.layer(
+            self.pattern,
+            weight_shape=self.weight_shape,
+            bias_shape=self.bias_shape,
+            param_dtype=self.param_dtype,
+            dtype=self.dtype,
+            precision=self.precision,
+            preferred_element_type=self.preferred_element_type,
+            weight_init=self.weight_init,
+            bias_init=self.bias_init,
+            dot_general=self.dot_general,
+            **dict(axes),
+        )
+
+    @nn.compact
+    def __call__(self, x: ArrayLike) -> jax.Array:
+        """Apply the layer; at init, draw ``'weight'`` (and ``'bias'``) with the core's initializers."""
+        layer = self.functional(tuple(jnp.shape(x)))
+        params = {"weight": self.param("weight", layer.init_weight)}
+        if layer.plan.bias_sizes is not None:
+            params["bias"] = self.param("bias", layer.init_bias)
+        return layer(params, x)
+
+
+def _options_repr(module: Any) -> list[str]:
+    """``name=value`` for the dtype/precision options that differ from their defaults."""
+    out = []
+    if module.dtype is not None:
+        out.append(f"dtype={jnp.dtype(module.dtype).name}")
+    if jnp.dtype(module.param_dtype) != jnp.float32:
+        out.append(f"param_dtype={jnp.dtype(module.param_dtype).name}")
+    if module.precision is not None:
+        out.append(f"precision={module.precision!r}")
+    if module.preferred_element_type is not None:
+        out.append(f"preferred_element_type={jnp.dtype(module.preferred_element_type).name}")
+    return out
+
+
+def from_einops(variables: Mapping[str, Any], layer: Any) -> dict[str, Any]:
+    """Convert variables saved from ``einops.layers.flax.EinMix`` into this module's variables.
+
+    einops stores the bias broadcast against the output (e.g. ``(1, 1, d)`` for
+    ``'b t c -> b t d'``) in output order; here it is stored as ``bias_shape`` declares. The weight
+    is stored the same way by both. ``layer`` is the einops layer or the equivalent
+    :class:`EinMix` (it is read for ``pattern``, ``weight_shape``, ``bias_shape`` and ``sizes``,
+    which must give every weight and bias length, as einops requires). ``variables`` is either
+    ``{'params': {...}}`` (other collections are passed through) or the params dict itself.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = em.linen.EinMix('b t c -> b t d', 'c d', 'd', sizes=dict(c=4, d=3))
+        >>> saved = {'params': {'weight': np.ones((4, 3), np.float32),
+        ...                     'bias': np.ones((1, 1, 3), np.float32)}}
+        >>> jax.tree.map(np.shape, from_einops(saved, layer))
+        {'params': {'bias': (3,), 'weight': (4, 3)}}
+    """
+    if "params" not in variables:
+        return from_einops({"params": variables}, layer)["params"]
+    sizes = getattr(layer, "sizes", None) or {}
+    core = _core.layer(
+        layer.pattern, weight_shape=layer.weight_shape, bias_shape=layer.bias_shape, **sizes
+    )
+    plan = core.plan
+    params = dict(variables["params"])
+    context = plan.context()
+    if set(params) != set(core.param_shapes):
+        raise EinMixError(
+            f"einops params have entries {sorted(params)}, expected {sorted(core.param_shapes)} "
+            f"({context})"
+        )
+    weight = params["weight"]
+    if tuple(np.shape(weight)) != plan.weight_sizes:
+        raise EinMixError(
+            f"einops weight has shape {tuple(np.shape(weight))}, expected {plan.weight_sizes} "
+            f"for {plan.weight_shape!r} ({context})"
+        )
+    if plan.bias_axes is not None:
+        params["bias"] = _bias_from_einops(params["bias"], plan)
+    return {**variables, "params": params}
+
+
+def _bias_from_einops(bias: ArrayLike, plan: Any) -> Any:
+    """einops' bias -- output order, 1 for every non-bias axis -- to ``bias_shape`` order."""
+    lengths = plan.sizes
+    out_axes = [a for group in plan.right if group != ELLIPSIS for a in group if a != ELLIPSIS]
+    expected = tuple(lengths[a] if a in plan.bias_axes else 1 for a in out_axes)
+    if tuple(np.shape(bias)) != expected:
+        raise EinMixError(
+            f"einops bias has shape {tuple(np.shape(bias))}, expected {expected} ({plan.context()})"
+        )
+    in_output_order = [a for a in out_axes if a in plan.bias_axes]
+    bias = jnp.reshape(bias, tuple(lengths[a] for a in in_output_order))
+    return jnp.transpose(bias, tuple(in_output_order.index(a) for a in plan.bias_axes))
