@@ -128,10 +128,11 @@ def _apply(params: Params, x: ArrayLike, *, layer: EinMix) -> jax.Array:
     x = jnp.asarray(x)
     low = lower(layer.plan, tuple(x.shape))
     dtype = layer.dtype
-    if dtype is None:
-        dtype = jnp.result_type(x, *params.values())
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            dtype = jnp.result_type(dtype, jnp.float32)
+    if dtype is None:  # the layer's own rule, also under jax_numpy_dtype_promotion='strict'
+        with jax.numpy_dtype_promotion("standard"):
+            dtype = jnp.result_type(x, *params.values())
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                dtype = jnp.result_type(dtype, jnp.float32)
     x, weight = x.astype(dtype), weight.astype(dtype)
     y = execute(low, x, weight, layer)
     if bias is not None:

@@ -83,8 +83,13 @@ def infer_weight_shape(pattern: str) -> str:
     left_text, right_text = _split_pattern(pattern)
     left = _parse_expression(left_text, "input side")
     right = _parse_expression(right_text, "output side")
-    in_order = [a for g in left.composition if not isinstance(g, str) for a in g]
-    out_order = [a for g in right.composition if not isinstance(g, str) for a in g]
+    # str only: numeric axes are not weight axes (parse() rejects them with a clear message)
+    in_order = [
+        a for g in left.composition if not isinstance(g, str) for a in g if isinstance(a, str)
+    ]
+    out_order = [
+        a for g in right.composition if not isinstance(g, str) for a in g if isinstance(a, str)
+    ]
     axes = [a for a in in_order if a not in right.identifiers and a != ELLIPSIS]
     axes += [a for a in out_order if a not in left.identifiers and a != ELLIPSIS]
     if not axes:
@@ -170,7 +175,11 @@ def _parse_cached(
     weight = _parse_expression(weight_shape, "weight_shape")
     lengths = dict(axes)
 
-    unknown = right.identifiers - left.identifiers - weight.identifiers
+    unknown = {
+        a
+        for a in right.identifiers - left.identifiers - weight.identifiers
+        if isinstance(a, str) and a != ELLIPSIS  # numbers and '...' have checks of their own
+    }
     if unknown:
         raise EinMixError(
             f"axes {axes_list(unknown)} on the output side are neither in the input nor in the "
@@ -214,7 +223,11 @@ def _parse_cached(
     bias_axes = bias_sizes = None
     if bias_shape is not None:
         bias = _parse_expression(bias_shape, "bias_shape")
-        if bias.has_ellipsis or any(len(g) != 1 for g in bias.composition):
+        if (
+            bias.has_ellipsis
+            or bias.has_non_unitary_anonymous_axes
+            or any(len(g) != 1 for g in bias.composition)
+        ):
             raise EinMixError(
                 f"bias_shape must list axis names only, without '...', parentheses or '1' ({ctx})"
             )

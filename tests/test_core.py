@@ -1,0 +1,373 @@
+"""The functional core against the numpy reference, under JAX's transforms, dtypes and caches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+import einmix_jax as em
+from einmix_jax import _core, _lower, _parse
+
+from .reference import default_weight_shape, reference_einmix
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration: ``em.init(pattern, key, weight_shape=, bias_shape=, **axes)`` on x."""
+
+    pattern: str
+    weight_shape: str | None
+    bias_shape: str | None
+    axes: dict[str, int]
+    x_shape: tuple[int, ...]
+
+    def init(self, key: jax.Array, **options) -> tuple[dict, em.EinMix]:
+        return em.init(
+            self.pattern,
+            key,
+            weight_shape=self.weight_shape,
+            bias_shape=self.bias_shape,
+            **options,
+            **self.axes,
+        )
+
+    def reference(self, params: dict, x: np.ndarray) -> np.ndarray:
+        bias = params.get("bias")
+        return reference_einmix(
+            self.pattern,
+            self.weight_shape,
+            self.bias_shape,
+            np.asarray(x),
+            np.asarray(params["weight"], np.float64),
+            None if bias is None else np.asarray(bias, np.float64),
+            self.axes,
+        )
+
+
+def _many_axes_case() -> Case:
+    """28 distinct axes: 14 batch axes, 7 contracted, 7 produced (einops' letters stop at 26)."""
+    batch = [f"b{i}" for i in range(14)]
+    ins = [f"k{i}" for i in range(7)]
+    outs = [f"o{i}" for i in range(7)]
+    axes = {a: 2 for a in ins + outs}
+    axes.update({"b3": 2, "b10": 2})  # batch axes may be given; the rest are read off x
+    x_shape = tuple(2 if a in ("b3", "b10") else 1 for a in batch) + (2,) * 7
+    pattern = f"{' '.join(batch)} {' '.join(ins)} -> {' '.join(batch)} ({' '.join(outs)})"
+    return Case(pattern, " ".join(ins + outs), " ".join(outs[::-1]), axes, x_shape)
+
+
+CASES = {
+    "plain linear": Case("b t c -> b t d", "c d", "d", dict(c=4, d=3), (2, 3, 4)),
+    "inferred weight": Case("b t c -> b t d", None, "d", dict(c=4, d=3), (2, 3, 4)),
+    "weight order d c": Case("b c -> b d", "d c", None, dict(c=4, d=3), (2, 4)),
+    "token mixing": Case("b t c -> b u c", "t u", "u", dict(t=3, u=5), (2, 3, 4)),
+    "token mixing, no bias": Case("b t c -> b u c", None, None, dict(t=3, u=5), (2, 3, 4)),
+    "mix the first axis": Case("h w c -> hout w c", "h hout", "hout", dict(h=3, hout=2), (3, 2, 4)),
+    "multi-head": Case("b t (h c) -> b t (h d)", "h c d", "h d", dict(h=2, c=3, d=4), (2, 3, 6)),
+    "multi-head, head axis separate": Case(
+        "b t (h c) -> b h t d", "h c d", "d", dict(h=2, c=3, d=4), (2, 3, 6)
+    ),
+    "heads first in x, last in output": Case(
+        "h b c -> b d h", "c h d", "h", dict(h=2, c=3, d=4), (2, 5, 3)
+    ),
+    "composition on both sides": Case(
+        "b (t g) c -> (b t) (g d)", "g c d", "g d", dict(g=2, c=3, d=2), (2, 6, 3)
+    ),
+    "composed batch on the left": Case("(b t) c -> b t d", "c d", "d", dict(t=3, c=4, d=2), (6, 4)),
+    "patch embedding": Case(
+        "b (h ph) (w pw) c -> b (h w) d",
+        "ph pw c d",
+        "d",
+        dict(ph=2, pw=2, c=3, d=5),
+        (2, 4, 6, 3),
+    ),
+    "ellipsis with bias": Case("b ... c -> b ... d", "c d", "d", dict(c=4, d=3), (2, 3, 2, 4)),
+    "leading ellipsis": Case("... c -> ... d", "c d", "d", dict(c=4, d=3), (3, 2, 4)),
+    "empty ellipsis": Case("b ... c -> b ... d", "c d", "d", dict(c=4, d=3), (2, 4)),
+    "ellipsis mixed and moved": Case(
+        "b ... t -> u ... b", "t u", None, dict(t=3, u=2), (2, 3, 2, 3)
+    ),
+    "parenthesised ellipsis on the right": Case(
+        "b ... c -> b (... d)", "c d", "d", dict(c=4, d=3), (2, 3, 2, 4)
+    ),
+    "parenthesised ellipsis after an axis": Case(
+        "b ... c -> (b ... d)", "c d", None, dict(c=4, d=3), (2, 3, 4)
+    ),
+    "elementwise scale": Case("t b c -> t b c", "c", "c", dict(c=4), (3, 2, 4)),
+    "elementwise scale, no bias": Case("t b c -> t b c", "c", None, dict(c=4), (3, 2, 4)),
+    "multi-axis bias, order differs from output": Case(
+        "b (h c) -> b h d", "h c d", "d h", dict(h=2, c=3, d=4), (2, 6)
+    ),
+    "bias over a composed output": Case(
+        "b t c -> b (t d e)", "c d e", "e d", dict(c=3, d=2, e=3), (2, 3, 3)
+    ),
+    "28 axes": _many_axes_case(),
+    "axes named key and pattern": Case(
+        "b key -> b pattern", "key pattern", "pattern", dict(key=3, pattern=4), (2, 3)
+    ),
+    "unitary anonymous axes 1": Case("b 1 c -> b d 1", "c d", "d", dict(c=4, d=3), (2, 1, 4)),
+    "unitary anonymous axes ()": Case(
+        "b () c -> (b 1) d ()", "c d", "d", dict(c=4, d=3), (2, 1, 4)
+    ),
+    "1 inside a group": Case("b (1 c) -> (b 1) d", "c d", None, dict(c=4, d=3), (2, 4)),
+    "input-only axis is summed": Case("b t c -> b d", "c d", "d", dict(c=4, d=3), (2, 3, 4)),
+    "scalar weight": Case("b c -> b c", "", "c", dict(c=4), (2, 4)),
+    "weight-only output axis (outer product)": Case("b c -> b c r", "r", "r", dict(r=3), (2, 4)),
+    "input length given and used": Case("b c -> b d", "c d", None, dict(b=2, c=4, d=3), (2, 4)),
+    "batch, contracted and free axes interleaved": Case(
+        "x h y c -> h d y x", "h c d", "h d", dict(h=2, c=3, d=2), (2, 2, 3, 3)
+    ),
+}
+
+
+def _normal(shape: tuple[int, ...], seed: int = 0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_apply_matches_reference(case: Case):
+    params, apply = case.init(jax.random.key(0))
+    weight_shape = case.weight_shape
+    if weight_shape is None:
+        weight_shape = default_weight_shape(case.pattern)
+    chex.assert_shape(params["weight"], tuple(case.axes[a] for a in weight_shape.split()))
+    if case.bias_shape is None:
+        assert set(params) == {"weight"}
+    else:
+        chex.assert_shape(params["bias"], tuple(case.axes[a] for a in case.bias_shape.split()))
+    x = _normal(case.x_shape)
+
+    y = jax.jit(apply)(params, x)
+
+    expected = case.reference(params, x)
+    chex.assert_shape(y, expected.shape)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_eagerly_equals_jit():
+    case = CASES["multi-head"]
+    params, apply = case.init(jax.random.key(1))
+    x = _normal(case.x_shape)
+    chex.assert_trees_all_close(apply(params, x), jax.jit(apply)(params, x), rtol=1e-6)
+
+
+# --- transforms ---------------------------------------------------------------------------
+
+
+def test_vmap_over_inputs():
+    case = CASES["multi-head"]
+    params, apply = case.init(jax.random.key(0))
+    xs = _normal((3, *case.x_shape))
+    ys = jax.jit(jax.vmap(apply, in_axes=(None, 0)))(params, xs)
+    expected = np.stack([case.reference(params, x) for x in xs])
+    np.testing.assert_allclose(ys, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ensemble_vmap_over_stacked_params():
+    case = CASES["token mixing"]
+    _, apply = case.init(jax.random.key(0))
+    keys = jax.random.split(jax.random.key(1), 4)
+    stacked = jax.vmap(apply.init)(keys)
+    chex.assert_shape(stacked["weight"], (4, 3, 5))
+    x = _normal(case.x_shape)
+    ys = jax.jit(jax.vmap(apply, in_axes=(0, None)))(stacked, x)
+    for i, key in enumerate(keys):
+        member = apply.init(key)
+        chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], stacked), member)
+        np.testing.assert_allclose(ys[i], case.reference(member, x), rtol=1e-5, atol=1e-5)
+    # a different member per input as well
+    xs = _normal((4, *case.x_shape), seed=1)
+    ys = jax.vmap(apply)(stacked, xs)
+    for i in range(4):
+        member = jax.tree.map(lambda a, i=i: a[i], stacked)
+        np.testing.assert_allclose(ys[i], case.reference(member, xs[i]), rtol=1e-5, atol=1e-5)
+
+
+def test_scan_over_stacked_layers():
+    _, apply = em.init("b c -> b d", jax.random.key(0), bias_shape="d", c=4, d=4)
+    stacked = jax.vmap(apply.init)(jax.random.split(jax.random.key(1), 3))
+    x = _normal((2, 4))
+
+    def body(h, p):
+        return jnp.tanh(apply(p, h)), None
+
+    y, _ = jax.jit(lambda ps, x: lax.scan(body, x, ps))(stacked, x)
+
+    expected = x.astype(np.float64)
+    for i in range(3):
+        w, b = np.asarray(stacked["weight"][i]), np.asarray(stacked["bias"][i])
+        expected = np.tanh(
+            reference_einmix("b c -> b d", "c d", "d", expected, w, b, {"c": 4, "d": 4})
+        )
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def _loss(apply):
+    def loss(params, x):
+        return jnp.sum(jnp.sin(apply(params, x)))
+
+    return loss
+
+
+def test_grad_of_plain_linear_matches_the_analytic_gradient():
+    params, apply = em.init("b c -> b d", jax.random.key(0), bias_shape="d", c=3, d=2)
+    x = _normal((5, 3))
+    grads = jax.jit(jax.grad(_loss(apply)))(params, x)
+    w, b = np.asarray(params["weight"], np.float64), np.asarray(params["bias"], np.float64)
+    upstream = np.cos(x @ w + b)  # d sum(sin(y)) / dy
+    chex.assert_trees_all_close(
+        grads, {"weight": x.T @ upstream, "bias": upstream.sum(0)}, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_checkpoint_gives_the_same_value_and_grad():
+    case = CASES["patch embedding"]
+    params, apply = case.init(jax.random.key(0))
+    x = _normal(case.x_shape)
+    loss = _loss(apply)
+    plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+    remat = jax.jit(jax.value_and_grad(jax.checkpoint(loss), argnums=(0, 1)))(params, x)
+    chex.assert_trees_all_close(plain, remat, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_shape():
+    case = CASES["patch embedding"]
+    _, apply = case.init(jax.random.key(0))
+    params = jax.eval_shape(apply.init, jax.random.key(0))
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), params) == {
+        "weight": ((2, 2, 3, 5), jnp.float32),
+        "bias": ((5,), jnp.float32),
+    }
+    out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct(case.x_shape, jnp.float32))
+    assert (out.shape, out.dtype) == ((2, 6, 5), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "name", ["multi-head", "token mixing", "ellipsis with bias", "input-only axis is summed"]
+)
+def test_check_grads_order_2_in_float64(name: str):
+    case = CASES[name]
+    with jax.enable_x64(True):
+        params, apply = case.init(jax.random.key(0), param_dtype=jnp.float64)
+        x = jnp.asarray(_normal(case.x_shape, dtype=np.float64))
+        assert apply(params, x).dtype == jnp.float64
+        jax.test_util.check_grads(
+            _loss(apply), (params, x), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6
+        )
+
+
+# --- dtypes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "x_dtype", "param_dtype", "out_dtype"),
+    [
+        (dict(), np.float32, jnp.float32, jnp.float32),
+        (dict(param_dtype=jnp.bfloat16), np.float32, jnp.bfloat16, jnp.float32),
+        (dict(param_dtype=jnp.bfloat16), jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+        (dict(param_dtype=jnp.float16), np.float32, jnp.float16, jnp.float32),
+        (dict(dtype=jnp.bfloat16), np.float32, jnp.float32, jnp.bfloat16),
+        (dict(dtype="bfloat16", param_dtype="float32"), np.float32, jnp.float32, jnp.bfloat16),
+        (dict(), np.int32, jnp.float32, jnp.float32),
+        (dict(), np.uint8, jnp.float32, jnp.float32),
+        (dict(param_dtype=jnp.bfloat16), np.int8, jnp.bfloat16, jnp.bfloat16),
+        (dict(precision="highest"), np.float32, jnp.float32, jnp.float32),
+        (dict(precision=lax.Precision.HIGHEST), np.float32, jnp.float32, jnp.float32),
+        (dict(precision=["highest", "highest"]), np.float32, jnp.float32, jnp.float32),
+        (dict(preferred_element_type=jnp.float32), np.float32, jnp.float32, jnp.float32),
+    ],
+)
+def test_dtypes(options, x_dtype, param_dtype, out_dtype):
+    case = CASES["multi-head"]
+    params, apply = case.init(jax.random.key(0), **options)
+    assert {k: v.dtype for k, v in params.items()} == {"weight": param_dtype, "bias": param_dtype}
+    x = np.random.default_rng(0).integers(0, 4, size=case.x_shape).astype(x_dtype)
+    y = jax.jit(apply)(params, x)
+    assert y.dtype == out_dtype
+    tol = 1e-5 if out_dtype == jnp.float32 else 5e-2
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), case.reference(params, x), rtol=tol, atol=tol
+    )
+
+
+def test_dtype_float64_under_x64():
+    case = CASES["plain linear"]
+    with jax.enable_x64(True):
+        params, apply = case.init(jax.random.key(0), dtype=jnp.float64)
+        x = _normal(case.x_shape)
+        y = apply(params, x)
+        assert y.dtype == jnp.float64
+        np.testing.assert_allclose(y, case.reference(params, x), rtol=1e-12, atol=1e-12)
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+def test_optax_adam_fits_a_random_linear_target():
+    pattern, sizes = "b (h c) -> b (h d)", dict(h=2, c=3, d=2)
+    rng = np.random.default_rng(0)
+    target_w, target_b = rng.normal(size=(2, 3, 2)), rng.normal(size=(2, 2))
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = reference_einmix(pattern, "h c d", "h d", x, target_w, target_b, sizes).astype(np.float32)
+
+    params, apply = em.init(
+        pattern, jax.random.key(0), weight_shape="h c d", bias_shape="h d", **sizes
+    )
+    optimizer = optax.adam(0.05)
+
+    def loss(params):
+        return jnp.mean(jnp.square(apply(params, x) - y))
+
+    @jax.jit
+    def train(params):
+        def step(carry, _):
+            params, state = carry
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, state = optimizer.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), value
+
+        (params, _), losses = lax.scan(step, (params, optimizer.init(params)), length=400)
+        return params, losses
+
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int and float scalars
+        fitted, losses = train(params)
+    assert losses[0] > 0.5
+    assert loss(fitted) < 1e-4
+    chex.assert_trees_all_close(fitted, {"weight": target_w, "bias": target_b}, atol=1e-2, rtol=0)
+
+
+# --- caches -------------------------------------------------------------------------------
+
+
+def test_plan_is_parsed_once_per_configuration():
+    config = dict(weight_shape="c e", bias_shape="e", c=5, e=7)
+    em.init("q c -> q e", jax.random.key(0), **config)
+    before = _parse._parse_cached.cache_info()
+    _, apply = em.init("q c -> q e", jax.random.key(1), **config)
+    after = _parse._parse_cached.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    assert apply.plan is em.layer("q c -> q e", **config).plan
+
+
+def test_no_retrace_on_a_second_apply_with_the_same_shapes():
+    config = dict(weight_shape="c e", bias_shape="e", c=3, e=9)
+    params, apply = em.init("q c -> q e", jax.random.key(0), **config)
+    apply(params, _normal((2, 3)))
+    size = _core._apply_jit._cache_size()
+    lowered = _lower.lower.cache_info()
+    apply(params, _normal((2, 3), seed=1))
+    other_params, other = em.init("q c -> q e", jax.random.key(1), **config)  # an equal layer
+    assert other == apply and hash(other) == hash(apply)
+    other(other_params, _normal((2, 3), seed=2))
+    assert _core._apply_jit._cache_size() == size
+    assert _lower.lower.cache_info().misses == lowered.misses
+    apply(params, _normal((4, 3)))  # a new input shape compiles once more
+    assert _core._apply_jit._cache_size() == size + 1
