@@ -20,9 +20,22 @@ from ._core import EinMix, init, layer
 from ._describe import describe
 from ._errors import EinMixError
 from ._init import Initializer
+from ._shard import param_axes, param_shardings, param_specs, with_out_sharding
 
 __version__ = "0.1.0"
-__all__ = ["EinMix", "EinMixError", "Initializer", "__version__", "describe", "init", "layer"]
+__all__ = [
+    "EinMix",
+    "EinMixError",
+    "Initializer",
+    "__version__",
+    "describe",
+    "init",
+    "layer",
+    "param_axes",
+    "param_shardings",
+    "param_specs",
+    "with_out_sharding",
+]
 
 _SUBMODULES = ("linen", "nnx")
 

@@ -21,6 +21,7 @@ from ._errors import EinMixError
 from ._init import Initializer, lecun_uniform_bias, lecun_uniform_weight
 from ._lower import Lowering, lower
 from ._parse import Plan, normalize_axes, parse
+from ._shard import OutSharding, apply_sharded, explicit_mesh_active
 
 Params = dict[str, jax.Array]
 DotGeneral = Callable[..., jax.Array]
@@ -51,6 +52,8 @@ class EinMix:
     precision: Any = None
     preferred_element_type: np.dtype | None = None
     dot_general: DotGeneral = lax.dot_general
+    #: output sharding constraint, set by ``einmix_jax.with_out_sharding``; None: unconstrained
+    out_sharding: OutSharding | None = None
     weight_init: Initializer | None = dataclasses.field(default=None, compare=False)
     bias_init: Initializer | None = dataclasses.field(default=None, compare=False)
 
@@ -162,7 +165,14 @@ def execute(low: Lowering, x: jax.Array, weight: jax.Array, layer: EinMix) -> ja
     return y.reshape(low.out_flat_shape)
 
 
-_apply_jit = jax.jit(_apply, static_argnames=("layer",))
+def _apply_maybe_sharded(params: Params, x: ArrayLike, *, layer: EinMix) -> jax.Array:
+    """``_apply``, under the mesh's sharding rules when the layer or the context mesh asks for it."""
+    if layer.out_sharding is not None or explicit_mesh_active():
+        return apply_sharded(_apply, params, x, layer)
+    return _apply(params, x, layer=layer)
+
+
+_apply_jit = jax.jit(_apply_maybe_sharded, static_argnames=("layer",))
 
 
 def layer(
