@@ -64,7 +64,8 @@ def reference(params: Params, x: jax.Array, causal: bool) -> jax.Array:
         t = x.shape[1]
         scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
     out = jnp.einsum("bhst,bhtd->bhsd", jax.nn.softmax(scores), v)
-    return jnp.einsum("bhtd,hdc->btc", out, params["o"]["weight"]) + params["o"]["bias"]
+    out = jnp.einsum("bhtd,hdc->btc", out, params["o"]["weight"])
+    return out + params["o"]["bias"][None, None, :]
 
 
 def main(
