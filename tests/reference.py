@@ -97,7 +97,7 @@ def reference_einmix(
             np.asarray(bias, np.float64), [b_axes.index(a) for a in out_axes if a in b_axes]
         )
         after = out_axes[out_axes.index("...") + 1 :] if "..." in out_axes else out_axes
-        y = y + b.reshape([axes[a] if a in b_axes else 1 for a in after])
+        y = np.asarray(y + b.reshape([axes[a] if a in b_axes else 1 for a in after]))
 
     # 4. the output composition
     return einops.rearrange(y, f"{' '.join(out_axes)} -> {right}")

@@ -119,6 +119,7 @@ CASES = {
     "1 inside a group": Case("b (1 c) -> (b 1) d", "c d", None, dict(c=4, d=3), (2, 4)),
     "input-only axis is summed": Case("b t c -> b d", "c d", "d", dict(c=4, d=3), (2, 3, 4)),
     "scalar weight": Case("b c -> b c", "", "c", dict(c=4), (2, 4)),
+    "scalar input, weight and bias": Case(" -> ", "", "", {}, ()),
     "weight-only output axis (outer product)": Case("b c -> b c r", "r", "r", dict(r=3), (2, 4)),
     "input length given and used": Case("b c -> b d", "c d", None, dict(b=2, c=4, d=3), (2, 4)),
     "batch, contracted and free axes interleaved": Case(
