@@ -60,6 +60,8 @@ class Description:
         before: steps on ``x`` and on the weight before the contraction.
         contraction: the one ``lax.dot_general`` (its ``arg`` is ``(lhs_shape, rhs_shape,
             dimension_numbers)``, its ``operand`` says which of x and the weight is the lhs).
+            With ``loop``, the dot runs once per slice of x's first dimension (``lax.map``):
+            ``arg`` is one iteration's, ``shape`` the stacked result's.
         after: steps on the contraction's result (and the bias add) to the output.
         out_shape: the output shape.
         param_count: number of weight and bias entries.
@@ -72,6 +74,7 @@ class Description:
     lowering: Lowering
     before: tuple[Step, ...]
     contraction: Step
+    loop: int | None  #: iterations of ``lax.map`` around the dot; None: a single dot
     after: tuple[Step, ...]
     out_shape: Shape
     param_count: int
@@ -103,6 +106,11 @@ class Description:
             "  before the contraction:",
             *(f"    {s}" for s in self.before or ["(nothing: operands used as laid out)"]),
             f"  contraction ({self.strategy}):",
+            *(
+                [f"    lax.map over {_dims(self.contraction.labels[:1], (self.loop,))} of"]
+                if self.loop is not None
+                else []
+            ),
             f"    lax.dot_general({names[0]} {lhs}, {names[1]} {rhs},",
             f"                    dimension_numbers={dims})",
             f"    -> {_dims(self.contraction.labels, self.contraction.shape)}",
@@ -281,7 +289,11 @@ def _describe(mix: EinMix, x_shape: Shape) -> Description:
     w_labels = _group(names, low.w_dot_shape, sizes)
 
     # the contraction
-    lhs, rhs, lhs_labels, rhs_labels = low.x_dot_shape, low.w_dot_shape, x_labels, w_labels
+    loop = low.x_dot_shape[0] if getattr(low, "loop", False) else None
+    x_dot, x_dot_labels = low.x_dot_shape, x_labels
+    if loop is not None:  # one iteration of lax.map sees x without its first dimension
+        x_dot, x_dot_labels = x_dot[1:], x_dot_labels[1:]
+    lhs, rhs, lhs_labels, rhs_labels = x_dot, low.w_dot_shape, x_dot_labels, w_labels
     if not low.x_first:
         lhs, rhs, lhs_labels, rhs_labels = rhs, lhs, rhs_labels, lhs_labels
     (lhs_k, rhs_k), (lhs_b, rhs_b) = low.dimension_numbers
@@ -292,6 +304,13 @@ def _describe(mix: EinMix, x_shape: Shape) -> Description:
     )
     dot_shape = tuple((lhs, rhs)[side][i] for side, i in order)
     dot_labels = tuple((lhs_labels, rhs_labels)[side][i] for side, i in order)
+    dot_flops = 2 * math.prod(dot_shape) * math.prod(lhs[i] for i in lhs_k)
+    if loop is not None:  # results stacked in front
+        dot_shape, dot_labels, dot_flops = (
+            (loop, *dot_shape),
+            (x_labels[0], *dot_labels),
+            dot_flops * loop,
+        )
     operands = "x" if low.x_first else "weight"
     dims = (lhs, rhs, low.dimension_numbers)
     contraction = Step(operands, "dot_general", dims, dot_shape, dot_labels)
@@ -322,7 +341,6 @@ def _describe(mix: EinMix, x_shape: Shape) -> Description:
         groups = tuple(_label(list(g)) for g in _expand(mix.plan.right, n_ellipsis))
         after.append(Step("y", "reshape", low.out_shape, low.out_shape, groups))
 
-    dot_flops = 2 * math.prod(dot_shape) * math.prod(lhs[i] for i in lhs_k)
     sum_adds = 0
     if low.sum_axes:
         kept = [n for i, n in enumerate(low.x_flat_shape) if i not in low.sum_axes]
@@ -334,6 +352,7 @@ def _describe(mix: EinMix, x_shape: Shape) -> Description:
         lowering=low,
         before=tuple(before),
         contraction=contraction,
+        loop=loop,
         after=tuple(after),
         out_shape=low.out_shape,
         param_count=sum(math.prod(s) for s in mix.param_shapes.values()),

@@ -94,8 +94,16 @@ def replay(d: em.Description, x: np.ndarray, w: np.ndarray, b: np.ndarray | None
     lhs, rhs = (arrays["x"], arrays["weight"])
     if d.contraction.operand == "weight":
         lhs, rhs = rhs, lhs
-    assert (lhs.shape, rhs.shape) == (lhs_shape, rhs_shape)
-    y = np_dot_general(lhs, rhs, dims)
+    if d.loop is None:
+        assert (lhs.shape, rhs.shape) == (lhs_shape, rhs_shape)
+    if d.loop is None:
+        y = np_dot_general(lhs, rhs, dims)
+    else:  # lax.map over x's first dimension, results stacked
+        assert (lhs if d.contraction.operand == "x" else rhs).shape[0] == d.loop
+        if d.contraction.operand == "x":
+            y = np.stack([np_dot_general(xi, rhs, dims) for xi in lhs])
+        else:
+            y = np.stack([np_dot_general(lhs, xi, dims) for xi in rhs])
     assert y.shape == d.contraction.shape
     assert len(d.contraction.labels) == len(y.shape)
     for step in d.after:
