@@ -135,10 +135,18 @@ class EinMix(nnx.Module):
             True
         """
         weight, bias = _core._check_params(self.functional, params)
-        self.weight.set_value(jnp.asarray(weight))
+        _assign(self.weight, weight)
         if self.bias is not None:
-            self.bias.set_value(jnp.asarray(bias))
+            _assign(self.bias, bias)
 
     def __call__(self, x: ArrayLike) -> jax.Array:
         """Apply the layer: the core's ``apply`` with this module's params."""
         return self.functional(self.get_params(), x)
+
+
+def _assign(variable: nnx.Param, value: ArrayLike) -> None:
+    """Replace a Param's value (``set_value`` from Flax 0.12; ``.value`` before, deprecated since)."""
+    if hasattr(variable, "set_value"):
+        variable.set_value(jnp.asarray(value))
+    else:  # pragma: no cover (Flax < 0.12)
+        variable.value = jnp.asarray(value)

@@ -1,0 +1,363 @@
+"""The linen layer: equal to the functional core and to the numpy reference, size inference, Flax
+transforms, training, hashing, and parity with ``einops.layers.flax.EinMix``."""
+
+from __future__ import annotations
+
+import re
+
+import einops
+import einops.layers.flax
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import einmix_jax as em
+from einmix_jax.linen import EinMix, from_einops
+
+from .reference import reference_einmix, tokens
+from .test_core import CASES, Case
+
+
+def _x(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def sizes_not_in_input(case: Case) -> dict[str, int]:
+    """``case.axes`` less the lengths the input determines (the last one of each input group)."""
+    groups: list[list[str]] = []
+    inside = False
+    for token in tokens(case.pattern.split("->")[0]):
+        if token == "(":
+            groups.append([])
+            inside = True
+        elif token == ")":
+            inside = False
+        elif token not in ("1", "..."):
+            if inside:
+                groups[-1].append(token)
+            else:
+                groups.append([token])
+    sizes = dict(case.axes)
+    for group in groups:
+        if group and all(a in sizes for a in group):
+            del sizes[group[-1]]
+    return sizes
+
+
+def test_sizes_not_in_input():
+    assert sizes_not_in_input(CASES["multi-head"]) == {"h": 2, "d": 4}
+    assert sizes_not_in_input(CASES["composed batch on the left"]) == {"t": 3, "d": 2}
+    assert sizes_not_in_input(CASES["input length given and used"]) == {"d": 3}
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_equals_functional_and_reference(case: Case):
+    x = _x(case.x_shape)
+    layer = EinMix(case.pattern, case.weight_shape, case.bias_shape, sizes=case.axes)
+    core = em.layer(
+        case.pattern, weight_shape=case.weight_shape, bias_shape=case.bias_shape, **case.axes
+    )
+    f32 = jnp.dtype(jnp.float32)
+    expected_shapes = {"params": {k: (s, f32) for k, s in core.param_shapes.items()}}
+    assert _shapes(jax.eval_shape(layer.init, jax.random.key(0), x)) == expected_shapes
+    # Only the lengths the input can't give; the rest are read off x.
+    inferred = EinMix(
+        case.pattern, case.weight_shape, case.bias_shape, sizes=sizes_not_in_input(case)
+    )
+    assert _shapes(jax.eval_shape(inferred.init, jax.random.key(0), x)) == expected_shapes
+
+    params = {k: _x(s, seed=i + 1) for i, (k, s) in enumerate(core.param_shapes.items())}
+    y = layer.apply({"params": params}, x)
+    np.testing.assert_array_equal(y, core(params, x))
+    np.testing.assert_allclose(y, case.reference(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_params_drawn_by_the_core_initializers():
+    x = _x((2, 5, 4))
+    layer = EinMix("b t c -> b t d", "c d", "d", sizes={"d": 3})
+    assert layer.functional(x.shape) == em.layer(
+        "b t c -> b t d", weight_shape="c d", bias_shape="d", d=3, c=4
+    )
+    params = layer.init(jax.random.key(3), x)["params"]
+    # the core's default: symmetric uniform, bound sqrt(3 / fan_in) (weight), sqrt(1 / fan_in) (bias)
+    assert float(jnp.abs(params["weight"]).max()) <= np.sqrt(3 / 4)
+    assert float(jnp.abs(params["bias"]).max()) <= np.sqrt(1 / 4)
+    assert float(params["weight"].min()) < 0 < float(params["weight"].max())
+
+    def ramp(key, shape, dtype):
+        return jnp.arange(np.prod(shape), dtype=dtype).reshape(shape)
+
+    custom = layer.clone(weight_init=ramp, bias_init=jax.nn.initializers.ones)
+    params = custom.init(jax.random.key(3), x)["params"]
+    np.testing.assert_array_equal(params["weight"], np.arange(12.0).reshape(4, 3))
+    np.testing.assert_array_equal(params["bias"], np.ones(3))
+
+
+def test_size_inference_leaves_free_axes_free():
+    layer = EinMix("b t (h c) -> b t (h d)", "h c d", "h d", sizes={"h": 2, "d": 3})
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 4, 10)))
+    assert jax.tree.map(jnp.shape, variables["params"]) == {"weight": (2, 5, 3), "bias": (2, 3)}
+    for shape in [(3, 7, 10), (1, 1, 10)]:  # any batch and time length
+        assert layer.apply(variables, jnp.ones(shape)).shape == (*shape[:2], 6)
+
+
+def test_size_errors_name_the_axis():
+    layer = EinMix("b t c -> b t d", "c d", "d", sizes={"c": 5, "d": 3})
+    with pytest.raises(einops.EinopsError, match=r"axis 'c': expected 5, got 4"):
+        layer.init(jax.random.key(0), jnp.ones((2, 3, 4)))
+    missing = EinMix("b t c -> b t d", "c d", "d")
+    with pytest.raises(einops.EinopsError, match=r"'d'"):
+        missing.init(jax.random.key(0), jnp.ones((2, 3, 4)))
+    groups = EinMix("b (h c) -> b (h d)", "h c d", sizes={"d": 2})
+    with pytest.raises(einops.EinopsError, match=r"'h', 'c'"):
+        groups.init(jax.random.key(0), jnp.ones((2, 6)))
+    bad = EinMix("b c -> b d", "c d", sizes={"d": 0})
+    with pytest.raises(einops.EinopsError, match=r"axis 'd': length must be a positive integer"):
+        bad.init(jax.random.key(0), jnp.ones((2, 3)))
+    # A trained layer fed an input with another feature length: Flax's own shape check.
+    variables = EinMix("b c -> b d", sizes={"d": 2}).init(jax.random.key(0), jnp.ones((2, 3)))
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=re.escape("shape (3, 2)")):
+        EinMix("b c -> b d", sizes={"d": 2}).apply(variables, jnp.ones((2, 4)))
+
+
+def test_hashable_cloneable_static():
+    layer = EinMix("b c -> b d", "c d", "d", {"d": 3})
+    same = EinMix("b c -> b d", "c d", "d", sizes={"d": 3})
+    assert hash(layer) == hash(same) and layer == same
+    assert layer.clone() == layer and hash(layer.clone()) == hash(layer)
+    assert layer.clone(sizes={"d": 4}) != layer
+    assert layer.sizes == {"d": 3}
+    assert repr(layer) == "EinMix('b c -> b d', 'c d', 'd', sizes={'d': 3})"
+    assert repr(EinMix("b c -> b d", sizes={"d": 3}, dtype=jnp.bfloat16)) == (
+        "EinMix('b c -> b d', sizes={'d': 3}, dtype=bfloat16)"
+    )
+    with pytest.raises(TypeError):
+        hash(einops.layers.flax.EinMix("b c -> b d", "c d", sizes={"c": 2, "d": 3}))
+
+    x = jnp.ones((2, 4))
+    variables = layer.init(jax.random.key(0), x)
+    apply = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
+    np.testing.assert_array_equal(apply(layer, variables, x), layer.apply(variables, x))
+
+
+class _CompactMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = EinMix("b t c -> b t d", "c d", "d", sizes={"d": 6})(x)
+        return EinMix("b t (h c) -> b t (h d)", "h c d", "h d", sizes=dict(h=2, d=2))(
+            jax.nn.relu(x)
+        )
+
+
+class _SetupMLP(nn.Module):
+    def setup(self):
+        self.first = EinMix("b t c -> b t d", "c d", "d", sizes={"d": 6})
+        self.second = EinMix("b t (h c) -> b t (h d)", "h c d", "h d", sizes=dict(h=2, d=2))
+
+    def __call__(self, x):
+        return self.second(jax.nn.relu(self.first(x)))
+
+
+@pytest.mark.parametrize("parent", [_CompactMLP, _SetupMLP])
+def test_compact_and_setup_parents(parent):
+    x = _x((2, 3, 5))
+    variables = parent().init(jax.random.key(0), x)
+    params = variables["params"]
+    assert sorted(params) == (
+        ["EinMix_0", "EinMix_1"] if parent is _CompactMLP else ["first", "second"]
+    )
+    first, second = (params[k] for k in sorted(params))
+    assert jax.tree.map(jnp.shape, second) == {"weight": (2, 3, 2), "bias": (2, 2)}
+    core1 = em.layer("b t c -> b t d", weight_shape="c d", bias_shape="d", c=5, d=6)
+    core2 = em.layer(
+        "b t (h c) -> b t (h d)", weight_shape="h c d", bias_shape="h d", h=2, c=3, d=2
+    )
+    np.testing.assert_array_equal(
+        parent().apply(variables, x), core2(second, jax.nn.relu(core1(first, x)))
+    )
+
+
+def test_scan_stacked_layers():
+    class Step(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return jnp.tanh(EinMix("b c -> b d", "c d", "d", sizes={"d": 4})(x)), None
+
+    stack = nn.scan(Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
+    x = _x((2, 4))
+    variables = stack.init(jax.random.key(0), x, None)
+    params = variables["params"]["EinMix_0"]
+    assert jax.tree.map(jnp.shape, params) == {"weight": (3, 4, 4), "bias": (3, 4)}
+    assert not np.array_equal(params["weight"][0], params["weight"][1])  # one draw per layer
+    y, _ = stack.apply(variables, x, None)
+    core = em.layer("b c -> b d", weight_shape="c d", bias_shape="d", c=4, d=4)
+    expected = x
+    for i in range(3):
+        expected = jnp.tanh(core(jax.tree.map(lambda p, i=i: p[i], params), expected))
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_vmap_per_member_params():
+    members = nn.vmap(
+        EinMix,
+        in_axes=0,
+        out_axes=0,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+    )("b c -> b d", "c d", "d", sizes={"d": 2})
+    x = _x((3, 4, 5))  # 3 members, batch 4, 5 features
+    variables = members.init(jax.random.key(0), x)
+    params = variables["params"]
+    assert jax.tree.map(jnp.shape, params) == {"weight": (3, 5, 2), "bias": (3, 2)}
+    y = members.apply(variables, x)
+    core = em.layer("b c -> b d", weight_shape="c d", bias_shape="d", c=5, d=2)
+    for i in range(3):
+        np.testing.assert_allclose(
+            y[i], core(jax.tree.map(lambda p, i=i: p[i], params), x[i]), rtol=1e-6, atol=1e-6
+        )
+
+
+def test_remat_and_grad():
+    plain = EinMix("b (h c) -> b (h d)", "h c d", "h d", sizes={"h": 2, "d": 3})
+    remat = nn.remat(EinMix)("b (h c) -> b (h d)", "h c d", "h d", sizes={"h": 2, "d": 3})
+    x = _x((4, 6))
+    variables = plain.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, remat.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+
+    def loss(module, v):
+        return jnp.sum(module.apply(v, x) ** 2)
+
+    np.testing.assert_allclose(loss(remat, variables), loss(plain, variables), rtol=1e-6)
+    g_plain = jax.grad(lambda v: loss(plain, v))(variables)
+    g_remat = jax.jit(jax.grad(lambda v: loss(remat, v)))(variables)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_plain, g_remat
+    )
+
+
+def test_tabulate():
+    table = nn.tabulate(
+        _CompactMLP(), jax.random.key(0), console_kwargs={"width": 200, "force_terminal": False}
+    )(jnp.ones((1, 3, 5)))
+    assert "EinMix_1" in table
+    assert "weight: float32[2,3,2]" in table  # the second layer's weight 'h c d'
+    assert "float32[1,3,6]" in table  # the first layer's output, the second's input
+    assert "Total Parameters: 52" in table  # 5*6 + 6 + 2*3*2 + 2*2
+
+
+def test_dtypes():
+    x = _x((2, 4))
+    layer = EinMix(
+        "b c -> b d", "c d", "d", sizes={"d": 3}, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
+    )
+    variables = layer.init(jax.random.key(0), x)
+    assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
+    y = layer.apply(variables, x)
+    assert y.dtype == jnp.bfloat16
+    w, b = (np.asarray(variables["params"][k], np.float32) for k in ("weight", "bias"))
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(x) @ w + b, rtol=3e-2, atol=3e-2
+    )
+
+
+def test_dot_general_injection():
+    calls = []
+
+    def doubled(lhs, rhs, dimension_numbers, **kwargs):
+        calls.append((lhs.shape, rhs.shape))
+        return 2 * jax.lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+
+    x = _x((2, 4))
+    plain = EinMix("b c -> b d", "c d", sizes={"d": 3})
+    hooked = plain.clone(dot_general=doubled)
+    variables = plain.init(jax.random.key(0), x)
+    np.testing.assert_allclose(hooked.apply(variables, x), 2 * plain.apply(variables, x), rtol=1e-6)
+    assert calls  # the core's one contraction went through the hook
+
+
+def test_training_loss_falls():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype(np.float32)
+    target_w, target_b = rng.normal(size=(2, 3, 2)), rng.normal(size=(2, 2))
+    sizes = {"h": 2, "c": 3, "d": 2}
+    target = reference_einmix("b (h c) -> b (h d)", "h c d", "h d", x, target_w, target_b, sizes)
+    model = EinMix("b (h c) -> b (h d)", "h c d", "h d", sizes={"h": 2, "d": 2})
+    params = model.init(jax.random.key(0), x)["params"]
+    tx = optax.adam(5e-2)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(
+            lambda p: jnp.mean(
+                jnp.square(model.apply({"params": p}, x) - target.astype(np.float32))
+            )
+        )(params)
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(params, updates), state, loss
+
+    state = tx.init(params)
+    losses = []
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int and float scalars
+        for _ in range(40):
+            params, state, loss = step(params, state)
+            losses.append(float(loss))
+    assert losses[-1] < 0.2 * losses[0]
+
+
+EINOPS_CASES = [
+    "plain linear",
+    "weight order d c",
+    "mix the first axis",
+    "multi-head",
+    "heads first in x, last in output",
+    "composition on both sides",
+    "patch embedding",
+    "ellipsis with bias",
+    "multi-axis bias, order differs from output",
+    "bias over a composed output",
+    "unitary anonymous axes 1",
+]
+
+
+@pytest.mark.parametrize("name", EINOPS_CASES)
+def test_einops_parity_through_converter(name):
+    case = CASES[name]
+    x = _x(case.x_shape)
+    theirs = einops.layers.flax.EinMix(case.pattern, case.weight_shape, case.bias_shape, case.axes)
+    ours = EinMix(case.pattern, case.weight_shape, case.bias_shape, case.axes)
+    with jax.numpy_rank_promotion("allow"):  # einops adds a bias of lower rank under '...'
+        shapes = jax.eval_shape(theirs.init, jax.random.key(0), x)["params"]
+        # random values (einops' bias init is all positive), so a wrong re-layout can't pass
+        saved = {"params": {k: _x(a.shape, seed=i) for i, (k, a) in enumerate(shapes.items())}}
+        expected = theirs.apply(saved, x)
+    for layer in (ours, theirs):  # either layer describes the configuration
+        converted = from_einops(saved, layer)
+        assert jax.tree.map(jnp.shape, converted) == {
+            "params": ours.functional(x.shape).param_shapes
+        }
+        np.testing.assert_allclose(ours.apply(converted, x), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(
+        from_einops(saved["params"], ours)["weight"], saved["params"]["weight"]
+    )
+
+
+def test_converter_rejects_wrong_shapes():
+    layer = EinMix("b t c -> b t d", "c d", "d", sizes={"c": 4, "d": 3})
+    with pytest.raises(
+        einops.EinopsError, match=re.escape("einops bias has shape (3,), expected (1, 1, 3)")
+    ):
+        from_einops({"weight": np.ones((4, 3)), "bias": np.ones(3)}, layer)
+    with pytest.raises(einops.EinopsError, match=re.escape("einops weight has shape (3, 4)")):
+        from_einops({"weight": np.ones((3, 4)), "bias": np.ones((1, 1, 3))}, layer)
+    with pytest.raises(einops.EinopsError, match=r"expected \['bias', 'weight'\]"):
+        from_einops({"weight": np.ones((4, 3))}, layer)
