@@ -225,24 +225,43 @@ def test_vmap_per_member_params():
         )
 
 
+def test_vmap_shared_params_reads_sizes_off_one_example():
+    per_example = nn.vmap(
+        EinMix,
+        in_axes=0,
+        out_axes=0,
+        variable_axes={"params": None},
+        split_rngs={"params": False},
+    )("t c -> t d", "c d", "d", sizes={"d": 2})
+    x = _x((3, 4, 5))  # 3 examples of 4 tokens, 5 features
+    shapes = jax.tree.map(jnp.shape, jax.eval_shape(per_example.init, jax.random.key(0), x))
+    assert shapes == {"params": {"weight": (5, 2), "bias": (2,)}}  # not stacked: shared
+    params = {"weight": _x((5, 2), seed=1), "bias": _x((2,), seed=2)}
+    np.testing.assert_allclose(
+        per_example.apply({"params": params}, x),
+        reference_einmix(
+            "b t c -> b t d", "c d", "d", x, params["weight"], params["bias"], {"d": 2}
+        ),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_remat_and_grad():
     plain = EinMix("b (h c) -> b (h d)", "h c d", "h d", sizes={"h": 2, "d": 3})
     remat = nn.remat(EinMix)("b (h c) -> b (h d)", "h c d", "h d", sizes={"h": 2, "d": 3})
     x = _x((4, 6))
-    variables = plain.init(jax.random.key(0), x)
-    assert jax.tree.map(jnp.shape, remat.init(jax.random.key(0), x)) == jax.tree.map(
-        jnp.shape, variables
-    )
+    variables = {"params": {"weight": _x((2, 3, 3), seed=1), "bias": _x((2, 3), seed=2)}}
+    assert _shapes(jax.eval_shape(remat.init, jax.random.key(0), x)) == _shapes(variables)
 
-    def loss(module, v):
-        return jnp.sum(module.apply(v, x) ** 2)
+    def loss_and_grad(module):
+        return jax.value_and_grad(lambda v: jnp.sum(jnp.square(module.apply(v, x))))
 
-    np.testing.assert_allclose(loss(remat, variables), loss(plain, variables), rtol=1e-6)
-    g_plain = jax.grad(lambda v: loss(plain, v))(variables)
-    g_remat = jax.jit(jax.grad(lambda v: loss(remat, v)))(variables)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_plain, g_remat
-    )
+    assert "remat" in str(jax.make_jaxpr(loss_and_grad(remat))(variables))  # jax.checkpoint
+    assert "remat" not in str(jax.make_jaxpr(loss_and_grad(plain))(variables))
+    both = jax.jit(lambda v: (loss_and_grad(plain)(v), loss_and_grad(remat)(v)))
+    expected, got = both(variables)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), expected, got)
 
 
 def test_tabulate():
