@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -69,6 +70,36 @@ _COLLECTIVE = re.compile(
 )
 _SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 _GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+
+
+def _replica_groups(text: str) -> set[frozenset[int]] | None:
+    """Replica groups, listed (``{{0,1},{2,3}}``) or in iota form (``[2,4]<=[4,2]T(1,0)``)."""
+    listed = _GROUPS.search(text)
+    if listed:
+        return {
+            frozenset(int(n) for n in g.split(",") if n)
+            for g in re.findall(r"\{([\d,]*)\}", listed.group(1))
+        }
+    iota = _IOTA_GROUPS.search(text)
+    if iota:
+        dims = [int(n) for n in iota.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if iota.group(4):
+            ids = ids.transpose([int(n) for n in iota.group(4).split(",")])
+        rows = ids.reshape(int(iota.group(1)), int(iota.group(2)))
+        return {frozenset(int(i) for i in row) for row in rows}
+    named = _MESH_GROUPS.search(text)
+    if named:
+        axes = re.findall(r"'([^']+)'=(\d+)", named.group(1))
+        names = [name for name, _ in axes]
+        ids = np.arange(math.prod(int(n) for _, n in axes)).reshape([int(n) for _, n in axes])
+        grouped = [names.index(a) for a in re.findall(r"'([^']+)'", named.group(2))]
+        rest = [i for i in range(len(names)) if i not in grouped]
+        rows = ids.transpose(rest + grouped).reshape(-1, math.prod(ids.shape[i] for i in grouped))
+        return {frozenset(int(i) for i in row) for row in rows}
+    return None
 
 
 def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]], set[frozenset[int]] | None]]:
@@ -82,14 +113,7 @@ def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]], set[frozense
             tuple(int(n) for n in dims.split(",") if n)
             for dims in _SHAPE.findall(match.group("type"))
         ]
-        groups_match = _GROUPS.search(match.group("rest"))
-        groups = None
-        if groups_match:
-            groups = {
-                frozenset(int(n) for n in g.split(",") if n)
-                for g in re.findall(r"\{([\d,]*)\}", groups_match.group(1))
-            }
-        found.append((match.group("op"), shapes, groups))
+        found.append((match.group("op"), shapes, _replica_groups(match.group("rest"))))
     return found
 
 
