@@ -18,8 +18,11 @@ axis rules do:
 Rules follow Flax's ``logical_to_mesh_axes``: a dict or a sequence of ``(name, mesh_axes)`` pairs in
 order of precedence, ``mesh_axes`` a mesh axis name, a tuple of them, or ``None`` (replicated). For
 each rule in turn, the array dimension of that name takes the mesh axes when the dimension has none
-yet and no other dimension of the same array uses them. A name no rule mentions is replicated. So
-the specs here equal ``flax.linen.logical_to_mesh_axes(names, rules)``.
+yet and no other dimension of the same array uses them. A param axis no rule mentions is
+replicated, so the specs here equal ``flax.linen.logical_to_mesh_axes(names, rules)``. For the
+output constraint, an output axis no rule mentions (and every ``...`` dimension) is left to the
+partitioner (``PartitionSpec.UNCONSTRAINED``) rather than forced to replicate: rules written for the
+params alone never add an all-gather of the activations; a rule ``'b': None`` does replicate.
 
 Mesh axis types. With ``Auto`` axes (``jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)``) XLA
 propagates shardings from the params and inputs, and the output constraint is a
@@ -30,9 +33,10 @@ to its output spec: the one the output sharding gives, else the one the names im
 axis keeps the mesh axes its name has in the input or the weight; axes summed over a sharded mesh
 axis are all-reduced). In a mesh that mixes both, only the explicit axes are handled this way.
 
-An output group such as ``(h d)`` is one array dimension: it can only be sharded by its leading
-axis (``h``), since splitting ``h * d`` elements into blocks of ``d``-chunks is not a block split
-of the merged dimension. A rule sharding a later axis of a group raises ``EinMixError``.
+An output group such as ``(h d)`` is one array dimension, split into contiguous blocks: sharding
+it by ``h`` is such a split, sharding it by ``d`` is not (each device would need a slice of every
+``h``). So a group takes the mesh axes of its leading axis, and a rule sharding a later axis of a
+group raises ``EinMixError``.
 """
 
 from __future__ import annotations
@@ -418,7 +422,7 @@ def output_spec(
         sizes[f"...{i}"] = x_shape[plan.left.index(ELLIPSIS) + i]
     groups = _expand(plan.right, n_ellipsis)
     mesh_shape = _mesh_shape(mesh)
-    lead = {}
+    lead: dict[tuple[str, ...], str | None] = {}
     for group in groups:
         non_unit = [a for a in group if sizes[a] != 1]
         lead[group] = non_unit[0] if non_unit else (group[0] if group else None)
@@ -477,7 +481,8 @@ def output_spec(
     for i, group in enumerate(groups):
         if not is_open[i]:
             continue
-        entry = None if derived is None else derived.get(lead[group])
+        head = lead[group]
+        entry = None if derived is None or head is None else derived.get(head)
         if entry is not None and not set(_flat(entry)) & used:
             used |= set(_flat(entry))
             entries[i] = entry
