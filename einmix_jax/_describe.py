@@ -173,11 +173,11 @@ def describe(
     shape = tuple(int(n) for n in getattr(x_shape, "shape", x_shape))
     if isinstance(layer_or_pattern, str):
         context = describe_call(layer_or_pattern, weight_shape, bias_shape)
-        given = normalize_axes(axes, context)
+        lengths: dict[str, object] = dict(axes)
+        given = normalize_axes(lengths, context)
         sizes = param_sizes_from_input(layer_or_pattern, weight_shape, bias_shape, given, shape)
-        mix = layer(
-            layer_or_pattern, weight_shape=weight_shape, bias_shape=bias_shape, **dict(sizes)
-        )
+        completed: dict[str, Any] = dict(sizes)
+        mix = layer(layer_or_pattern, weight_shape=weight_shape, bias_shape=bias_shape, **completed)
     else:
         if weight_shape is not None or bias_shape is not None or axes:
             raise EinMixError(
