@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import einmix_jax as em
+from einmix_jax._describe import Description
 from tests.reference import default_weight_shape, flat_axes, reference_einmix
 
 # (pattern, weight_shape, bias_shape, lengths given to the layer, input shape, every axis length)
@@ -71,7 +72,7 @@ def np_dot_general(lhs: np.ndarray, rhs: np.ndarray, dims) -> np.ndarray:
     return np.einsum(lhs, lhs_ids, rhs, rhs_ids, out)
 
 
-def replay(d: em.Description, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+def replay(d: Description, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     """Run the described steps with numpy; check every step's printed shape on the way."""
     arrays = {"x": x, "weight": w, "bias": b}
 
