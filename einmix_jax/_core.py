@@ -153,14 +153,18 @@ def execute(low: Lowering, x: jax.Array, weight: jax.Array, layer: EinMix) -> ja
     if low.w_broadcast is not None:
         w = jnp.broadcast_to(w.reshape(low.w_broadcast[0]), low.w_broadcast[1])
     w = w.reshape(low.w_dot_shape)
-    lhs, rhs = (x, w) if low.x_first else (w, x)
-    y = layer.dot_general(
-        lhs,
-        rhs,
-        low.dimension_numbers,
-        precision=layer.precision,
-        preferred_element_type=layer.preferred_element_type,
-    )
+
+    def contract(x: jax.Array) -> jax.Array:
+        lhs, rhs = (x, w) if low.x_first else (w, x)
+        return layer.dot_general(
+            lhs,
+            rhs,
+            low.dimension_numbers,
+            precision=layer.precision,
+            preferred_element_type=layer.preferred_element_type,
+        )
+
+    y = lax.map(contract, x) if low.loop else contract(x)
     y = _transpose(y.reshape(low.y_split_shape), low.y_perm)
     return y.reshape(low.out_flat_shape)
 

@@ -11,20 +11,40 @@ The rule. Every axis of the flattened input ``x``, weight ``w`` and output falls
 * ``F`` (x-free): in x only (and the output); ``G`` (w-free): in w only (and the output);
 * ``S``: in x only and not in the output -- summed away before the dot.
 
-Both operands are brought to a canonical 3-d form ``(batch, rows, contracted)`` /
-``(batch, contracted, cols)`` with runs of axes that stay adjacent merged into one dimension
-(free reshapes), so XLA sees a plain batched GEMM in the forward and the backward pass and never
-materialises an N-d transposed gradient. ``K`` and ``F`` keep the input's memory order and ``G``
-the output's, so ``x`` is only transposed when its layout really forbids a GEMM view. Three
-candidate lowerings are costed by the elements they move (transposes of x, of the output, of
-the weight, and weight broadcasts), and the cheapest is taken (ties go to the first):
+Both operands are brought to a canonical 2-d or 3-d GEMM form, ``(batch, rows, contracted)`` @
+``(batch, contracted, cols)`` (or the weight first), with runs of axes that stay adjacent merged
+into one dimension (free reshapes), so XLA sees a plain (batched) GEMM in the forward and in the
+backward pass and never materialises an N-d transposed gradient. ``K`` and ``F`` keep the
+input's memory order and ``G`` the output's, so ``x`` is only transposed when its layout really
+forbids a GEMM view.
 
-1. x first: ``x -> (B, F, K) @ w -> (B, K, G)`` gives ``(B, F, G)``;
-2. w first: ``w -> (B, G, K) @ x -> (B, K, F)`` gives ``(B, G, F)``;
-3. broadcast batch: when x is laid out ``(P, K, Q)`` with ``Q`` a run of x-free axes after the
-   contracted ones, the x-free axes in ``P`` become batch dimensions of the dot and the weight is
-   broadcast along them: ``w -> (P, G, K) @ x -> (P, K, Q)`` gives ``(P, G, Q)`` with no
-   transpose of x or of the output (token mixing ``'b t c -> b u c'`` is the typical case).
+The candidates. Let ``O`` be the leading run of x's axes before its first contracted axis (``B``
+and ``F`` axes). For every split ``O = outer + rest`` (``outer`` may be empty) the ``outer`` axes
+stay in front, in x's order, in x, in the dot result and so in the output:
+
+* an ``F`` axis in ``outer`` is either a loop axis (the leading ``F`` axes of ``outer`` may be
+  iterated over with ``lax.map``, one GEMM per slice: no copy of anything) or a batch dimension of
+  the dot along which the weight is broadcast;
+* a ``B`` axis is a batch dimension of the dot (the weight is transposed to put it first);
+* the other axes form the GEMM, either *x first*, ``x -> (D, F, K) @ w -> (D, K, G)`` giving
+  ``(D, F, G)``, or *w first*, ``w -> (D, G, K) @ x -> (D, K, F)`` giving ``(D, G, F)``, where ``D``
+  are the dot's batch dimensions.
+
+``outer = []`` gives the two plain forms. Each candidate is costed in elements moved: a transpose
+of x, of the dot result (to the output order) or of the weight costs its size, a weight
+broadcast costs ``BROADCAST_PASSES`` times its size (the copy, and the per-slice weight gradient
+that the backward pass writes and sums), and a loop costs ``LOOP_STEP_COST`` elements per
+iteration (loop overhead, smaller GEMMs). The cheapest candidate is taken; ties go to the first
+(no outer axes, x first). Typical results: a plain linear layer is one 2-d GEMM with free reshapes;
+multi-head ``'b t (h c) -> b t (h d)'`` moves rows of ``c`` to ``(h, b t, c)`` (x first: the moved
+rows are contiguous, the GEMM has the long ``b t`` side as rows); token mixing
+``'b t c -> b u c'`` keeps ``b`` outer and runs ``(u, t) @ (t, c)`` per ``b`` with no transpose
+of x or of the output.
+
+Loops are only considered when ``lower(..., loops=True)``; by default that is on a single
+XLA:CPU device, where a loop of 2-d GEMMs beats a batched GEMM with a broadcast weight (whose
+backward pass sums the per-slice weight gradients in one slow fused kernel). On accelerators
+and on several devices (where the outer axis may be sharded) the broadcast form is used.
 """
 
 from __future__ import annotations
@@ -32,6 +52,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+
+import jax
 
 from ._parse import ELLIPSIS, Plan, read_sizes
 
@@ -59,8 +81,36 @@ class Lowering:
     bias_perm: Perm
     bias_shape: tuple[int, ...] | None  #: bias reshaped to broadcast against the flat output
     out_shape: tuple[int, ...]
-    strategy: str  #: 'x first', 'w first' or 'broadcast batch'
+    strategy: str  #: 'x first', 'w first', 'broadcast batch' or 'loop'
+    #: x_dot_shape's first dimension is iterated over (``lax.map``); ``dimension_numbers`` and
+    #: ``w_dot_shape`` are those of one iteration, whose results are stacked in front
+    loop: bool
     flat_axes: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]  #: x, w, out axis names
+
+
+#: The cost of one loop iteration, in moved elements (loop overhead and a smaller GEMM).
+LOOP_STEP_COST = 1 << 14
+#: A weight broadcast is paid twice: the broadcast copy, and the per-slice weight gradient that
+#: the backward pass writes and then sums.
+BROADCAST_PASSES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    loop: list[str]  #: x-only axes iterated over, in front of everything
+    dot_batch: list[str]  #: batch dimensions of the dot (the x-only ones broadcast the weight)
+    bcast: list[str]
+    x_first: bool
+    x_order: list[str]
+    w_order: list[str]
+    y_order: list[str]  #: order of the stacked dot results
+    x_blocks: list[list[str]]
+    w_blocks: list[list[str]]
+
+
+def _loops_pay_off() -> bool:
+    """Loops beat batched dots only on XLA:CPU, and would fight a sharded batch axis."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def resolve_sizes(plan: Plan, x_shape: tuple[int, ...]) -> tuple[dict[str, int], int]:
@@ -95,8 +145,11 @@ def _perm(src: list[str], dst: list[str], sizes: dict[str, int]) -> Perm:
 
 
 @functools.lru_cache(maxsize=4096)
-def lower(plan: Plan, x_shape: tuple[int, ...]) -> Lowering:
+def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lowering:
     """Decide the lowering of ``plan`` for an input of ``x_shape`` (cached).
+
+    ``loops`` allows the loop candidates (see the module docstring); ``None`` allows them on a
+    single XLA:CPU device.
 
     Example:
         >>> from ._parse import parse
@@ -120,58 +173,84 @@ def lower(plan: Plan, x_shape: tuple[int, ...]) -> Lowering:
     contracted = [a for a in x_kept if a in in_w and a not in in_out]
     x_free = [a for a in x_kept if a not in in_w]
     w_free = [a for a in out_axes if a in in_w and a not in set(x_axes)]
+    if loops is None:
+        loops = _loops_pay_off()
 
     def size(axes: list[str]) -> int:
         return math.prod(sizes[a] for a in axes)
 
+    # The leading run of x's axes that are not contracted: candidates for outer dimensions.
+    n_outer = next((i for i, a in enumerate(x_kept) if a in contracted), len(x_kept))
+    candidates = []
+    for k in range(n_outer + 1):  # x_kept[:k] stay in front of the dot (k = 0 first: ties)
+        outer = x_kept[:k]
+        free_run = next((i for i, a in enumerate(outer) if a in in_w), len(outer))
+        for n_loop in sorted({0, free_run if loops else 0}):
+            loop = outer[:n_loop]
+            dot_batch = outer[n_loop:] + [a for a in batch if a not in outer]
+            bcast = [a for a in dot_batch if a not in in_w]
+            if loop and bcast:
+                continue  # no weight broadcast inside a loop
+            rows = [a for a in x_free if a not in outer]
+            w_batch = [a for a in dot_batch if a in in_w]
+            for x_first in (True, False):
+                x_inner = rows + contracted if x_first else contracted + rows
+                y_inner = rows + w_free if x_first else w_free + rows
+                w_inner = contracted + w_free if x_first else w_free + contracted
+                candidates.append(
+                    _Candidate(
+                        loop=loop,
+                        dot_batch=dot_batch,
+                        bcast=bcast,
+                        x_first=x_first,
+                        x_order=loop + dot_batch + x_inner,
+                        w_order=w_batch + w_inner,
+                        y_order=loop + dot_batch + y_inner,
+                        x_blocks=[
+                            dot_batch,
+                            *((rows, contracted) if x_first else (contracted, rows)),
+                        ],
+                        w_blocks=[
+                            dot_batch,
+                            *((contracted, w_free) if x_first else (w_free, contracted)),
+                        ],
+                    )
+                )
+
     def moved(src: list[str], dst: list[str]) -> int:
         return 0 if _perm(src, dst, sizes) is None else size(src)
 
-    # (name, x order, weight order, dot-result order, x blocks, weight blocks, broadcast axes)
-    candidates = [
-        ("x first", batch + x_free + contracted, batch + contracted + w_free,
-         batch + x_free + w_free, [batch, x_free, contracted], [batch, contracted, w_free], []),
-        ("w first", batch + contracted + x_free, batch + w_free + contracted,
-         batch + w_free + x_free, [batch, contracted, x_free], [batch, w_free, contracted], []),
-    ]  # fmt: skip
-    if contracted:
-        first = x_kept.index(contracted[0])
-        lead, trail = x_kept[:first], x_kept[first + len(contracted) :]
-        if (
-            x_kept[first : first + len(contracted)] == contracted
-            and trail
-            and all(a in x_free for a in trail)
-            and any(a in x_free for a in lead)
-        ):
-            w_lead = [a for a in lead if a in in_w]
-            candidates.append(
-                ("broadcast batch", x_kept, w_lead + w_free + contracted, lead + w_free + trail,
-                 [lead, contracted, trail], [lead, w_free, contracted],
-                 [a for a in lead if a not in in_w])
-            )  # fmt: skip
-
-    def cost(candidate: tuple) -> int:
-        _, x_order, w_order, y_order, _, _, bcast = candidate
+    def cost(c: _Candidate) -> int:
         return (
-            moved(x_kept, x_order)
-            + moved(y_order, out_axes)
-            + moved(w_axes, w_order)
-            + (size(bcast) * size(w_axes) if bcast else 0)
+            moved(x_kept, c.x_order)
+            + moved(c.y_order, out_axes)
+            + moved(w_axes, c.w_order)
+            + BROADCAST_PASSES * size(c.bcast) * size(w_axes)
+            + (LOOP_STEP_COST * size(c.loop) if c.loop else 0)
         )
 
-    strategy, x_order, w_order, y_order, x_blocks, w_blocks, bcast = min(candidates, key=cost)
-    x_first = strategy == "x first"
-    if not batch and not bcast:  # plain 2-d GEMM
+    best = min(candidates, key=cost)
+    x_order, w_order, y_order, x_first = best.x_order, best.w_order, best.y_order, best.x_first
+    x_blocks, w_blocks = best.x_blocks, best.w_blocks
+    if best.loop:
+        strategy = "loop"
+    elif best.bcast:
+        strategy = "broadcast batch"
+    else:
+        strategy = "x first" if x_first else "w first"
+    if not best.dot_batch:  # plain 2-d GEMM
         x_blocks, w_blocks = x_blocks[1:], w_blocks[1:]
         dims: DimensionNumbers = (((1,), (0,)), ((), ()))
     else:
         dims = (((2,), (1,)), ((0,), (0,)))
+    if best.loop:
+        x_blocks = [best.loop, *x_blocks]
     w_broadcast = None
-    if bcast:  # weight (B'..., G, K) -> unit axes where x has broadcast axes -> broadcast
-        tail = (size(w_free), size(contracted))
+    if best.bcast:  # weight (batch..., K/G, G/K) -> unit axes where the dot has x-only axes
+        tail = tuple(size(b) for b in w_blocks[1:])
         w_broadcast = (
-            tuple(sizes[a] if a in in_w else 1 for a in x_blocks[0]) + tail,
-            tuple(sizes[a] for a in x_blocks[0]) + tail,
+            tuple(sizes[a] if a in in_w else 1 for a in best.dot_batch) + tail,
+            tuple(sizes[a] for a in best.dot_batch) + tail,
         )
     x_perm = _perm(x_kept, x_order, sizes)
     w_perm = _perm(w_axes, w_order, sizes)
@@ -202,5 +281,6 @@ def lower(plan: Plan, x_shape: tuple[int, ...]) -> Lowering:
         bias_shape=bias_shape,
         out_shape=out_shape,
         strategy=strategy,
+        loop=bool(best.loop),
         flat_axes=(tuple(x_axes), tuple(w_axes), tuple(out_axes)),
     )

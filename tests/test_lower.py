@@ -1,0 +1,334 @@
+"""The lowering: which contraction each pattern runs, checked on plans, on optimized HLO and on values.
+
+Plan-level tests read ``lower(plan, x_shape)`` for the benchmark's shapes without any array. HLO
+tests compile the apply on small shapes and check that no copy/transpose moves x, the output or
+the output gradient where the plan says none is needed. Value tests compare outputs and gradients
+with ``np.einsum`` on flat axes (``einops.rearrange`` for the groups).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import einmix_jax as em
+from einmix_jax import _lower
+from einmix_jax._core import execute
+from einmix_jax._lower import Lowering, lower
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_D = (((1,), (0,)), ((), ()))
+BATCHED = (((2,), (1,)), ((0,), (0,)))
+
+
+def lowering(pattern: str, weight_shape: str, x_shape: tuple[int, ...], loops: bool = True,
+             bias_shape: str | None = None, **axes: int) -> Lowering:  # fmt: skip
+    layer = em.layer(pattern, weight_shape=weight_shape, bias_shape=bias_shape, **axes)
+    return lower(layer.plan, x_shape, loops)
+
+
+# ------------------------------------------------------------------------------------------
+# Plan level: the benchmark's shapes, no arrays
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "x_shape", "dot_shape"),
+    [
+        ("b t c -> b t d", (32, 256, 512), (8192, 512)),
+        ("... c -> ... d", (8, 16, 128, 512), (16384, 512)),
+        ("b c -> b d", (7, 512), (7, 512)),
+    ],
+)
+def test_plain_linear_is_one_2d_gemm_with_free_reshapes(pattern, x_shape, dot_shape):
+    low = lowering(pattern, "c d", x_shape, c=512, d=2048)
+    assert low.strategy == "x first" and low.x_first and not low.loop
+    assert (low.x_perm, low.w_perm, low.y_perm, low.w_broadcast) == (None, None, None, None)
+    assert low.x_dot_shape == dot_shape and low.dimension_numbers == TWO_D
+
+
+def test_token_mixing_keeps_x_and_output_in_place():
+    low = lowering("b t c -> b u c", "t u", (64, 196, 512), t=196, u=256)
+    # one (u, t) @ (t, c) GEMM per b: no copy of x, of the output, no weight broadcast
+    assert low.strategy == "loop" and low.loop and not low.x_first
+    assert (low.x_perm, low.y_perm, low.w_broadcast) == (None, None, None)
+    assert low.x_dot_shape == (64, 196, 512) and low.w_dot_shape == (256, 196)
+    assert low.dimension_numbers == TWO_D
+
+
+def test_token_mixing_without_loops_broadcasts_the_weight():
+    low = lowering("b t c -> b u c", "t u", (64, 196, 512), loops=False, t=196, u=256)
+    assert low.strategy == "broadcast batch" and not low.loop
+    assert (low.x_perm, low.y_perm) == (None, None)
+    assert low.w_broadcast == ((1, 256, 196), (64, 256, 196))
+    assert low.x_dot_shape == (64, 196, 512) and low.dimension_numbers == BATCHED
+
+
+def test_a_small_weight_is_broadcast_rather_than_looped_over():
+    # 512 loop steps cost more than broadcasting a 4 x 6 weight 512 times
+    low = lowering("b t c -> b u c", "t u", (512, 4, 64), t=4, u=6)
+    assert low.strategy == "broadcast batch" and (low.x_perm, low.y_perm) == (None, None)
+
+
+def test_channels_first_mixes_channels_in_place():
+    low = lowering("b c h w -> b d h w", "c d", (16, 256, 32, 32), c=256, d=256)
+    assert low.strategy == "loop" and (low.x_perm, low.y_perm) == (None, None)
+    assert low.x_dot_shape == (16, 256, 1024) and low.w_dot_shape == (256, 256)
+
+
+def test_multi_head_moves_rows_of_c_and_puts_x_first():
+    low = lowering("b t (h c) -> b t (h d)", "h c d", (16, 256, 1024), h=16, c=64, d=64)
+    assert low.strategy == "x first" and low.x_first
+    assert low.x_perm == (2, 0, 1, 3)  # (b, t, h, c) -> (h, b, t, c): contiguous rows of c
+    assert low.y_perm == (1, 2, 0, 3) and low.w_perm is None
+    assert low.x_dot_shape == (16, 4096, 64) and low.w_dot_shape == (16, 64, 64)
+    assert low.dimension_numbers == BATCHED
+
+
+def test_patch_embedding_keeps_contracted_axes_in_memory_order():
+    low = lowering("b (h ph) (w pw) c -> b (h w) d", "ph pw c d", (32, 224, 224, 3),
+                   ph=16, pw=16, c=3, d=768)  # fmt: skip
+    assert low.strategy == "x first"
+    assert low.x_perm == (0, 1, 3, 2, 4, 5)  # (b h ph w pw c) -> (b h w ph pw c)
+    assert (low.w_perm, low.y_perm) == (None, None)  # weight (ph pw c, d) used as stored
+    assert low.x_dot_shape == (6272, 768) and low.dimension_numbers == TWO_D
+
+
+def test_batch_axis_after_an_x_only_axis():
+    # x (b, h, t, c), weight (h, c, d): per b, one (h, t, c) @ (h, c, d) batched GEMM
+    low = lowering("b h t c -> b h t d", "h c d", (64, 8, 256, 64), h=8, c=64, d=32)
+    assert low.strategy == "loop" and (low.x_perm, low.y_perm, low.w_perm) == (None,) * 3
+    assert low.x_dot_shape == (64, 8, 256, 64) and low.dimension_numbers == BATCHED
+    no_loop = lowering("b h t c -> b h t d", "h c d", (64, 8, 256, 64), False, h=8, c=64, d=32)
+    assert no_loop.strategy == "broadcast batch"
+    assert (no_loop.x_perm, no_loop.y_perm) == (None, None)
+
+
+def test_qkv_projection_is_one_gemm_and_one_output_transpose():
+    low = lowering("b t c -> qkv b h t d", "c qkv h d", (16, 256, 512), c=512, qkv=3, h=8, d=64)
+    assert low.strategy == "x first" and (low.x_perm, low.w_perm) == (None, None)
+    assert low.x_dot_shape == (4096, 512) and low.w_dot_shape == (512, 1536)
+    assert low.y_perm == (2, 0, 3, 1, 4)
+
+
+def test_input_only_axis_is_contracted_after_one_transpose_of_x():
+    low = lowering("b h t e -> b t c", "h e c", (16, 8, 256, 64), h=8, e=64, c=512)
+    assert low.strategy == "x first" and low.x_perm == (0, 2, 1, 3)
+    assert low.x_dot_shape == (4096, 512) and low.y_perm is None
+
+
+def test_summed_axis_is_summed_before_a_2d_gemm():
+    low = lowering("b t c -> b d", "c d", (64, 196, 512), c=512, d=1024)
+    assert low.sum_axes == (1,) and low.x_perm is None
+    assert low.x_dot_shape == (64, 512) and low.dimension_numbers == TWO_D
+
+
+def test_ties_go_to_x_first_and_the_lowering_is_cached():
+    layer = em.layer("b c -> b d", c=3, d=4)
+    low = lower(layer.plan, (5, 3))
+    assert low.strategy == "x first"
+    assert lower(layer.plan, (5, 3)) is low
+
+
+def test_loops_are_allowed_by_default_on_one_cpu_device():
+    expected = jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert _lower._loops_pay_off() == expected
+    layer = em.layer("b t c -> b u c", t=196, u=256)
+    assert lower(layer.plan, (64, 196, 512)).loop == expected
+
+
+# ------------------------------------------------------------------------------------------
+# Optimized HLO on small shapes: nothing of x's or the output's size is copied or transposed
+# ------------------------------------------------------------------------------------------
+
+_INSTRUCTION = re.compile(r"=\s*(\w+)\[([\d,]*)\]\{[\d,]*\}\s+([\w-]+)\(")
+
+
+def moved_sizes(hlo: str) -> set[int]:
+    """Element counts of every copy/transpose in an optimized HLO module (fusions included)."""
+    out = set()
+    for dtype, dims, op in _INSTRUCTION.findall(hlo):
+        if op in ("copy", "transpose") and dtype != "s32":
+            out.add(int(np.prod([int(d) for d in dims.split(",") if d])))
+    return out
+
+
+# (pattern, weight_shape, bias_shape, axes, x_shape): for each the plan moves neither x nor y
+IN_PLACE = [
+    ("b t c -> b t d", "c d", "d", dict(c=16, d=24), (4, 12, 16)),
+    ("... c -> ... d", "c d", "d", dict(c=16, d=24), (2, 3, 5, 16)),
+    ("b t c -> b u c", "t u", "u", dict(t=12, u=20), (4, 12, 16)),  # broadcast batch
+    ("b t c -> b u c", "t u", "u", dict(t=128, u=136), (2, 128, 128)),  # loop
+    ("b c h w -> b d h w", "c d", "d", dict(c=128, d=136), (2, 128, 8, 16)),  # loop
+    ("b t c -> b d", "c d", "d", dict(c=16, d=24), (4, 12, 16)),
+]
+
+
+@pytest.mark.parametrize(("pattern", "weight_shape", "bias_shape", "axes", "x_shape"), IN_PLACE)
+def test_compiled_apply_copies_neither_x_nor_the_output(
+    pattern, weight_shape, bias_shape, axes, x_shape
+):
+    params, layer = em.init(pattern, jax.random.key(0), weight_shape=weight_shape,
+                            bias_shape=bias_shape, **axes)  # fmt: skip
+    low = lower(layer.plan, x_shape)
+    assert (low.x_perm, low.y_perm) == (None, None), low
+    x = jnp.ones(x_shape)
+    y_shape = jax.eval_shape(layer, params, x).shape
+    big = {int(np.prod(x_shape)), int(np.prod(y_shape))}
+    assert not big & {int(np.prod(s)) for s in layer.param_shapes.values()}  # sizes distinct
+
+    def loss(p, x, ct):
+        return jnp.vdot(layer(p, x), ct)
+
+    fwd = jax.jit(layer).lower(params, x).compile().as_text()
+    bwd = jax.jit(jax.grad(loss, (0, 1))).lower(params, x, jnp.ones(y_shape)).compile().as_text()
+    assert "dot(" in fwd or "dot_general" in fwd
+    assert not moved_sizes(fwd) & big, moved_sizes(fwd)
+    assert not moved_sizes(bwd) & big, moved_sizes(bwd)
+    if low.loop:
+        assert "while(" in fwd
+
+
+def test_multi_head_hlo_moves_x_and_the_output_once_each():
+    params, layer = em.init("b t (h c) -> b t (h d)", jax.random.key(0), weight_shape="h c d",
+                            bias_shape="h d", h=4, c=8, d=12)  # fmt: skip
+    x = jnp.ones((2, 16, 32))
+    hlo = jax.jit(layer).lower(params, x).compile().as_text()
+    computations = hlo.split("\n\n")  # a kernel that moves data: a computation with a copy
+    moving = [c for c in computations if moved_sizes(c) - {1}]
+    assert len(moving) == 2, moving  # x to (h, b t, c), the result back to (b, t, h d)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "param_dtype", "preferred"),
+    [(None, jnp.float32, None), (jnp.bfloat16, jnp.bfloat16, None),
+     (None, jnp.bfloat16, jnp.float32), (None, jnp.float32, jnp.float32)],
+)  # fmt: skip
+def test_dtype_options_add_no_convert_of_x_or_the_output(dtype, param_dtype, preferred):
+    params, layer = em.init("b t (h c) -> b t (h d)", jax.random.key(0), weight_shape="h c d",
+                            bias_shape="h d", h=2, c=3, d=4, dtype=dtype,
+                            param_dtype=param_dtype, preferred_element_type=preferred)  # fmt: skip
+    x = jnp.ones((5, 7, 6), param_dtype)
+    jaxpr = jax.make_jaxpr(layer)(params, x)
+    converts = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "convert_element_type"]
+    big = {x.size, 5 * 7 * 8}
+    assert not [e for e in converts if e.invars[0].aval.size in big], converts
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple) else (param,):
+                if hasattr(sub, "jaxpr"):  # ClosedJaxpr
+                    sub = sub.jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _all_eqns(sub)
+
+
+# ------------------------------------------------------------------------------------------
+# Values: every strategy against np.einsum, forward and gradients
+# ------------------------------------------------------------------------------------------
+
+
+def _flat(side: str) -> list[str]:
+    return [t for t in re.findall(r"\.\.\.|\w+", side) if t != "1"]
+
+
+def einsum_case(pattern, weight_shape, sizes, rng):
+    """Random x, weight, output cotangent, and the output and gradients of ``vdot(y, ct)``.
+
+    x and ct are drawn on their flat axes and rearranged to the pattern's compositions with
+    ``einops.rearrange``; the contraction and its gradients are ``np.einsum`` in float64.
+    """
+    left, right = pattern.split("->")
+    xa, ya, wa = _flat(left), _flat(right), weight_shape.split()
+    ids = {a: i for i, a in enumerate(a for a in dict.fromkeys(xa + wa + ya) if a != "...")}
+    ellipsis = [len(ids) + i for i in range(len(sizes.get("...", ())))]
+
+    def sub(names):  # np.einsum cannot sum over '...': give its dimensions ids too
+        return [i for a in names for i in (ellipsis if a == "..." else [ids[a]])]
+
+    def shape(names):
+        return [n for a in names for n in (sizes[a] if a == "..." else (sizes[a],))]
+
+    xf, w, ctf = (rng.normal(size=shape(names)) for names in (xa, wa, ya))
+    y = np.einsum(xf, sub(xa), w, sub(wa), sub(ya))
+    gw = np.einsum(xf, sub(xa), ctf, sub(ya), sub(wa))
+    gx = np.einsum(ctf, sub(ya), w, sub(wa), sub(xa))  # every x axis is in y or w here
+
+    def compose(a, names, side):
+        return einops.rearrange(a, f"{' '.join(names)} -> {side}")
+
+    return compose(xf, xa, left), w, compose(ctf, ya, right), compose(y, ya, right), gw, \
+        compose(gx, xa, left)  # fmt: skip
+
+
+# (pattern, weight_shape, every axis length, loops, strategy expected)
+VALUES = [
+    ("b t c -> b t d", "c d", dict(b=4, t=12, c=16, d=24), True, "x first"),
+    ("b t c -> b u c", "t u", dict(b=4, t=12, u=20, c=16), True, "broadcast batch"),
+    ("b t c -> b u c", "t u", dict(b=2, t=128, u=136, c=128), True, "loop"),
+    ("b t c -> b u c", "t u", dict(b=2, t=128, u=136, c=128), False, "broadcast batch"),
+    ("b h t c -> b h t d", "h c d", dict(b=3, h=2, t=64, c=96, d=88), True, "loop"),
+    ("b h t c -> b h t d", "h c d", dict(b=3, h=2, t=64, c=16, d=24), True, "broadcast batch"),
+    ("b t (h c) -> b t (h d)", "h c d", dict(b=2, t=5, h=2, c=3, d=4), True, "x first"),
+    ("b c -> d b", "c d", dict(b=64, c=5, d=7), True, "w first"),
+    (
+        "b (h ph) (w pw) c -> b (h w) d",
+        "ph pw c d",
+        dict(b=2, h=2, ph=2, w=3, pw=2, c=3, d=5),
+        True,
+        "x first",
+    ),
+    ("b t c -> qkv b h t d", "c qkv h d", dict(b=2, t=5, c=6, qkv=3, h=2, d=4), True, "x first"),
+    ("... c -> ... d", "c d", {"...": (2, 3, 5), "c": 4, "d": 3}, True, "x first"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "weight_shape", "sizes", "loops", "strategy"), VALUES)
+def test_values_and_gradients_match_np_einsum(pattern, weight_shape, sizes, loops, strategy):
+    axes = {a: sizes[a] for a in weight_shape.split()}
+    layer = em.layer(pattern, weight_shape=weight_shape, **axes)
+    x, w, ct, y_ref, gw_ref, gx_ref = einsum_case(pattern, weight_shape, sizes,
+                                                  np.random.default_rng(0))  # fmt: skip
+    low = lower(layer.plan, x.shape, loops)
+    assert low.strategy == strategy
+
+    def run(p, x, ct):  # execute exactly this lowering
+        y = execute(low, x, p["weight"], layer).reshape(low.out_shape)
+        return jnp.vdot(y, ct), y
+
+    f32 = np.float32
+    (_, y), (gw, gx) = jax.jit(jax.value_and_grad(run, (0, 1), has_aux=True))(
+        {"weight": w.astype(f32)}, x.astype(f32), ct.astype(f32)
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gw["weight"], gw_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-4)
+    if loops == _lower._loops_pay_off():  # the public apply runs this very lowering
+        y_apply = layer({"weight": w.astype(f32)}, x.astype(f32))
+        np.testing.assert_allclose(y_apply, y_ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# The benchmark script runs
+# ------------------------------------------------------------------------------------------
+
+
+def test_benchmark_smoke():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--cases", "tiny", "--rounds",
+         "2", "--compile-rounds", "1", "--no-write"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| einmix |" in result.stdout and "Worst einmix ratio" in result.stdout
