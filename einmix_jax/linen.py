@@ -3,7 +3,8 @@
 The module holds no parsing, init math or contraction of its own: at each call it builds the
 functional :class:`einmix_jax.EinMix` (axis lengths that ``sizes`` omits are read off the input, as
 ``nn.Dense`` reads its input features), registers the core's params under the same names, and calls
-the core. ``variables['params']`` is therefore exactly the functional params dict.
+the core. ``variables['params']`` is therefore exactly the functional params dict (with
+``logical_axes`` set, each param is boxed as ``nn.LogicallyPartitioned``; ``nn.unbox`` gives it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from . import _core
 from ._errors import EinMixError, describe_call
 from ._init import Initializer
 from ._parse import ELLIPSIS, normalize_axes, param_sizes_from_input
+from ._shard import param_axes
 
 __all__ = ["EinMix", "from_einops"]
 
@@ -44,6 +46,12 @@ class EinMix(nn.Module):
             (symmetric uniform, variance ``1/fan_in`` for the weight).
         dot_general: the contraction, ``lax.dot_general`` by default (a hook for quantisation).
         preferred_element_type: accumulation dtype passed to ``dot_general``.
+        logical_axes: partitioning metadata, off by default (``None``: the params are plain
+            arrays). ``True`` (or ``{}``) boxes each param as ``nn.LogicallyPartitioned`` whose
+            names are its axis names in the pattern; a mapping such as ``{'c': 'embed'}`` renames
+            some of them. Then ``nn.get_partition_spec``, ``nn.logical_axis_rules`` and
+            ``nn.logical_to_mesh_sharding`` work as with Flax's own layers, and ``nn.unbox`` gives
+            the plain params. Stored as a ``FrozenDict``.
 
     Example:
         >>> import flax.linen as nn
@@ -55,6 +63,12 @@ class EinMix(nn.Module):
         {'bias': (2, 3), 'weight': (2, 4, 3)}
         >>> layer.apply(variables, jnp.ones((7, 5, 8))).shape  # any batch and time length
         (7, 5, 6)
+        >>> boxed = layer.clone(logical_axes={'h': 'heads'})  # partitioning metadata
+        >>> specs = nn.get_partition_spec(boxed.init(jax.random.key(0), jnp.ones((1, 5, 8))))
+        >>> specs['params']
+        {'bias': P('heads', 'd'), 'weight': P('heads', 'c', 'd')}
+        >>> nn.logical_to_mesh(specs, [('heads', 'model')])['params']
+        {'bias': P('model', None), 'weight': P('model', None, None)}
     """
 
     pattern: str
@@ -68,11 +82,14 @@ class EinMix(nn.Module):
     bias_init: Initializer | None = None
     dot_general: _core.DotGeneral = lax.dot_general
     preferred_element_type: DTypeLike | None = None
+    logical_axes: Mapping[str, str] | bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sizes, FrozenDict):
             # A dict would make the module unhashable (as einops' layer is).
             object.__setattr__(self, "sizes", FrozenDict(self.sizes))
+        logical = _logical_option(self.logical_axes, self.pattern)
+        object.__setattr__(self, "logical_axes", None if logical is None else FrozenDict(logical))
         super().__post_init__()
 
     def __repr__(self) -> str:
@@ -84,6 +101,9 @@ class EinMix(nn.Module):
         if self.sizes:
             args.append(f"sizes={dict(self.sizes)!r}")
         args += _options_repr(self)
+        logical = _logical_option(self.logical_axes, self.pattern)
+        if logical is not None:
+            args.append(f"logical_axes={dict(logical)!r}")
         return f"EinMix({', '.join(args)})"
 
     def functional(self, x_shape: tuple[int, ...]) -> _core.EinMix:
@@ -116,10 +136,29 @@ class EinMix(nn.Module):
     def __call__(self, x: ArrayLike) -> jax.Array:
         """Apply the layer; at init, draw ``'weight'`` (and ``'bias'``) with the core's initializers."""
         layer = self.functional(tuple(jnp.shape(x)))
-        params = {"weight": self.param("weight", layer.init_weight)}
+        inits: dict[str, Any] = {"weight": layer.init_weight}
         if layer.plan.bias_sizes is not None:
-            params["bias"] = self.param("bias", layer.init_bias)
+            inits["bias"] = layer.init_bias
+        logical = _logical_option(self.logical_axes, self.pattern)
+        if logical is not None:
+            names = param_axes(layer, logical_axes=logical)
+            inits = {k: nn.with_logical_partitioning(f, names[k]) for k, f in inits.items()}
+        params = {name: self.param(name, init) for name, init in inits.items()}
         return layer(params, x)
+
+
+def _logical_option(value: object, pattern: str) -> Mapping[str, str] | None:
+    """The ``logical_axes`` option as a mapping (``True``: ``{}``), or ``None`` (off)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        return value
+    raise EinMixError(
+        f"logical_axes must be None, True or a dict from axis names to logical names, like "
+        f"{{'c': 'embed'}}, got {value!r} (pattern {pattern!r})"
+    )
 
 
 def _options_repr(module: Any) -> list[str]:

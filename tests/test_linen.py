@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import einmix_jax as em
 from einmix_jax.linen import EinMix, from_einops
@@ -380,3 +381,149 @@ def test_converter_rejects_wrong_shapes():
         from_einops({"weight": np.ones((3, 4)), "bias": np.ones((1, 1, 3))}, layer)
     with pytest.raises(einops.EinopsError, match=r"expected \['bias', 'weight'\]"):
         from_einops({"weight": np.ones((4, 3))}, layer)
+
+
+# Partitioning metadata: (pattern, weight_shape, bias_shape, axes, x_shape, logical_axes option,
+# expected names of the weight and the bias, logical axis rules).
+LOGICAL_CASES = {
+    "own names": (
+        "b t c -> b t d",
+        "c d",
+        "d",
+        {"c": 4, "d": 6},
+        (2, 3, 4),
+        True,
+        {"weight": ("c", "d"), "bias": ("d",)},
+        [("d", "model"), ("c", None)],
+    ),
+    "multi-head, renamed": (
+        "b t (h c) -> b t (h d)",
+        "h c d",
+        "h d",
+        {"h": 2, "c": 3, "d": 4},
+        (2, 3, 6),
+        {"h": "heads", "c": "embed"},
+        {"weight": ("heads", "embed", "d"), "bias": ("heads", "d")},
+        [("heads", "model"), ("embed", "data"), ("d", "model")],  # 'model' taken: d replicated
+    ),
+    "token mixing": (
+        "b t c -> b u c",
+        "t u",
+        "u c",
+        {"t": 4, "u": 6, "c": 3},
+        (2, 4, 3),
+        {"u": "seq"},
+        {"weight": ("t", "seq"), "bias": ("seq", "c")},
+        [("seq", "model"), ("t", "data"), ("b", "data")],
+    ),
+    "inferred weight, no bias": (
+        "b c -> b d",
+        None,
+        None,
+        {"c": 4, "d": 2},
+        (3, 4),
+        {},
+        {"weight": ("c", "d")},
+        [("c", "model")],
+    ),
+}
+
+
+def test_without_logical_axes_params_are_plain_arrays():
+    layer = EinMix("b t c -> b t d", "c d", "d", sizes={"d": 3})
+    assert layer.logical_axes is None
+    assert layer == layer.clone(logical_axes=None) == layer.clone(logical_axes=False)
+    x = _x((2, 5, 4))
+    variables = layer.init(jax.random.key(0), x)
+    leaves = jax.tree.leaves(variables, is_leaf=nn.meta.is_axis_metadata)
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves) and len(leaves) == 2
+    assert nn.meta.unbox(variables) == variables
+
+
+@pytest.mark.parametrize("name", list(LOGICAL_CASES))
+def test_logical_axes_box_params_with_the_pattern_names(name):
+    pattern, weight_shape, bias_shape, axes, x_shape, logical, names, rules = LOGICAL_CASES[name]
+    x = _x(x_shape)
+    plain = EinMix(pattern, weight_shape, bias_shape, sizes=axes)
+    boxed = plain.clone(logical_axes=logical)
+    variables = boxed.init(jax.random.key(2), x)
+
+    params = variables["params"]
+    assert set(params) == set(names)
+    for param, box in params.items():
+        assert isinstance(box, nn.LogicallyPartitioned) and box.names == names[param]
+    specs = nn.get_partition_spec(variables)["params"]
+    assert specs == {k: P(*n) for k, n in names.items()}
+    expected = {k: nn.logical_to_mesh_axes(n, rules) for k, n in names.items()}
+    assert nn.logical_to_mesh(nn.get_partition_spec(variables), rules)["params"] == expected
+    with nn.logical_axis_rules(rules):
+        assert nn.logical_to_mesh(nn.get_partition_spec(variables))["params"] == expected
+    # the functional core's specs for the same names and rules agree with Flax's
+    core = plain.functional(x.shape)
+    renamed = None if logical is True else logical
+    assert em.param_specs(core, rules, logical_axes=renamed) == expected
+
+    # unboxed, they are the params the layer draws without metadata, and outputs are unchanged
+    unboxed = nn.unbox(variables)
+    reference = plain.init(jax.random.key(2), x)
+    assert jax.tree.structure(unboxed) == jax.tree.structure(reference)
+    jax.tree.map(np.testing.assert_array_equal, unboxed, reference)
+    y = plain.apply(reference, x)
+    np.testing.assert_array_equal(boxed.apply(variables, x), y)
+    np.testing.assert_array_equal(boxed.apply(unboxed, x), y)
+    np.testing.assert_array_equal(core(unboxed["params"], x), y)
+
+
+def test_logical_axes_keep_the_module_hashable():
+    layer = EinMix("b c -> b d", "c d", "d", sizes={"d": 3}, logical_axes={"c": "embed"})
+    same = EinMix("b c -> b d", "c d", "d", sizes={"d": 3}, logical_axes={"c": "embed"})
+    assert hash(layer) == hash(same) and layer == same
+    assert layer.clone(logical_axes={"c": "mlp"}) != layer
+    assert layer.clone(logical_axes=True) == layer.clone(logical_axes={})
+    assert layer.clone(logical_axes=True) != layer.clone(logical_axes=None)
+    assert repr(layer) == (
+        "EinMix('b c -> b d', 'c d', 'd', sizes={'d': 3}, logical_axes={'c': 'embed'})"
+    )
+    x = jnp.ones((2, 4))
+    variables = layer.init(jax.random.key(0), x)
+    apply = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
+    np.testing.assert_array_equal(apply(layer, variables, x), layer.apply(variables, x))
+
+
+def test_logical_axes_errors_name_the_argument():
+    with pytest.raises(einops.EinopsError, match=r"logical_axes must be None, True or a dict"):
+        EinMix("b c -> b d", sizes={"d": 3}, logical_axes="embed")
+    x = jnp.ones((2, 4))
+    unknown = EinMix("b c -> b d", sizes={"d": 3}, logical_axes={"e": "embed"})
+    with pytest.raises(einops.EinopsError, match=r"axis 'e', which is not an axis of this layer"):
+        unknown.init(jax.random.key(0), x)
+    clash = EinMix("b c -> b d", sizes={"d": 3}, logical_axes={"c": "x", "d": "x"})
+    with pytest.raises(einops.EinopsError, match=r"'c', 'd' to the same logical name 'x'"):
+        clash.init(jax.random.key(0), x)
+
+
+def test_logical_axes_under_scan_gain_the_layer_axis():
+    class Step(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            layer = EinMix("b c -> b d", "c d", "d", sizes={"d": 4}, logical_axes={"c": "embed"})
+            return jnp.tanh(layer(x)), None
+
+    stack = nn.scan(
+        Step,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=3,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )()
+    x = _x((2, 4))
+    variables = stack.init(jax.random.key(0), x, None)
+    specs = nn.get_partition_spec(variables)["params"]["EinMix_0"]
+    assert specs == {"weight": P("layers", "embed", "d"), "bias": P("layers", "d")}
+    y, _ = stack.apply(variables, x, None)
+    params = nn.unbox(variables)["params"]["EinMix_0"]
+    core = em.layer("b c -> b d", weight_shape="c d", bias_shape="d", c=4, d=4)
+    expected = x
+    for i in range(3):
+        expected = jnp.tanh(core(jax.tree.map(lambda p, i=i: p[i], params), expected))
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
