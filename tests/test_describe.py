@@ -242,3 +242,46 @@ def test_default_weight_shape_is_described():
     d = em.describe("b t c -> b u c", (2, 4, 3), u=5)  # weight 't u' inferred, t read off x
     assert d.layer.plan.weight_shape == default_weight_shape("b t c -> b u c")
     assert d.layer.param_shapes == {"weight": (4, 5)}
+
+
+LOOP_CASES = [
+    (
+        "b t c -> b u c",
+        "t u",
+        "u",
+        dict(t=128, u=136),
+        (2, 128, 128),
+        dict(b=2, t=128, u=136, c=128),
+    ),
+    (
+        "b c h w -> b d h w",
+        "c d",
+        "d",
+        dict(c=128, d=136),
+        (2, 128, 8, 16),
+        dict(b=2, c=128, d=136, h=8, w=16),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "weight_shape", "bias_shape", "given", "x_shape", "sizes"), LOOP_CASES
+)
+def test_loop_lowering_is_described_and_replayed(
+    monkeypatch, pattern, weight_shape, bias_shape, given, x_shape, sizes
+):
+    from einmix_jax import _describe, _lower
+
+    monkeypatch.setattr(_describe, "lower", lambda plan, shape: _lower.lower(plan, shape, True))
+    mix = em.layer(pattern, weight_shape=weight_shape, bias_shape=bias_shape, **given)
+    d = em.describe(mix, x_shape)
+    assert d.loop == sizes["b"]
+    assert f"lax.map over (b={sizes['b']}) of" in str(d)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=x_shape)
+    w = rng.normal(size=[sizes[a] for a in weight_shape.split()])
+    b = rng.normal(size=[sizes[a] for a in bias_shape.split()])
+    expected = reference_einmix(pattern, weight_shape, bias_shape, x, w, b, sizes)
+    np.testing.assert_allclose(replay(d, x, w, b), expected, rtol=1e-10, atol=1e-10)
+    left, right = (flat_axes(side) for side in pattern.split("->"))
+    assert d.dot_flops == 2 * math.prod(sizes[a] for a in {*left, *right})
