@@ -28,7 +28,10 @@ stay in front, in x's order, in x, in the dot result and so in the output:
 * a ``B`` axis is a batch dimension of the dot (the weight is transposed to put it first);
 * the other axes form the GEMM, either *x first*, ``x -> (D, F, K) @ w -> (D, K, G)`` giving
   ``(D, F, G)``, or *w first*, ``w -> (D, G, K) @ x -> (D, K, F)`` giving ``(D, G, F)``, where ``D``
-  are the dot's batch dimensions.
+  are the dot's batch dimensions. The right operand may also be used as ``(D, N, K)`` (the
+  dimension numbers say so, nothing moves), so a weight stored ``'d c'`` or an input whose
+  contracted axes come last needs no transpose; the left operand keeps ``K`` last, the layout
+  XLA:CPU's fast GEMM kernels take without a copy.
 
 ``outer = []`` gives the two plain forms. Each candidate is costed in elements moved: a transpose
 of x, of the dot result (to the output order) or of the weight costs its size, a weight
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -101,6 +105,7 @@ class _Candidate:
     dot_batch: list[str]  #: batch dimensions of the dot (the x-only ones broadcast the weight)
     bcast: list[str]
     x_first: bool
+    rhs_t: bool  #: the right operand is laid out (batch, free, contracted)
     x_order: list[str]
     w_order: list[str]
     y_order: list[str]  #: order of the stacked dot results
@@ -193,27 +198,24 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
                 continue  # no weight broadcast inside a loop
             rows = [a for a in x_free if a not in outer]
             w_batch = [a for a in dot_batch if a in in_w]
-            for x_first in (True, False):
-                x_inner = rows + contracted if x_first else contracted + rows
+            for x_first, rhs_t in itertools.product((True, False), (False, True)):
+                # lhs (D, M, K) @ rhs (D, K, N), or (D, N, K) when rhs_t (the dot's dimension
+                # numbers absorb that orientation at no cost; the lhs keeps K last)
+                x_in = [rows, contracted] if x_first or rhs_t else [contracted, rows]
+                w_in = [w_free, contracted] if not x_first or rhs_t else [contracted, w_free]
                 y_inner = rows + w_free if x_first else w_free + rows
-                w_inner = contracted + w_free if x_first else w_free + contracted
                 candidates.append(
                     _Candidate(
                         loop=loop,
                         dot_batch=dot_batch,
                         bcast=bcast,
                         x_first=x_first,
-                        x_order=loop + dot_batch + x_inner,
-                        w_order=w_batch + w_inner,
+                        rhs_t=rhs_t,
+                        x_order=loop + dot_batch + x_in[0] + x_in[1],
+                        w_order=w_batch + w_in[0] + w_in[1],
                         y_order=loop + dot_batch + y_inner,
-                        x_blocks=[
-                            dot_batch,
-                            *((rows, contracted) if x_first else (contracted, rows)),
-                        ],
-                        w_blocks=[
-                            dot_batch,
-                            *((contracted, w_free) if x_first else (w_free, contracted)),
-                        ],
+                        x_blocks=[dot_batch, *x_in],
+                        w_blocks=[dot_batch, *w_in],
                     )
                 )
 
@@ -238,11 +240,12 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
         strategy = "broadcast batch"
     else:
         strategy = "x first" if x_first else "w first"
+    rhs_k = 2 if best.rhs_t else 1
     if not best.dot_batch:  # plain 2-d GEMM
         x_blocks, w_blocks = x_blocks[1:], w_blocks[1:]
-        dims: DimensionNumbers = (((1,), (0,)), ((), ()))
+        dims: DimensionNumbers = (((1,), (rhs_k - 1,)), ((), ()))
     else:
-        dims = (((2,), (1,)), ((0,), (0,)))
+        dims = (((2,), (rhs_k,)), ((0,), (0,)))
     if best.loop:
         x_blocks = [best.loop, *x_blocks]
     w_broadcast = None

@@ -84,6 +84,20 @@ def test_channels_first_mixes_channels_in_place():
     assert low.x_dot_shape == (16, 256, 1024) and low.w_dot_shape == (256, 256)
 
 
+def test_a_weight_stored_out_in_is_used_as_stored():
+    low = lowering("b t c -> b t d", "d c", (32, 256, 512), c=512, d=2048)
+    assert (low.x_perm, low.w_perm, low.y_perm) == (None, None, None)
+    assert low.w_dot_shape == (2048, 512) and low.dimension_numbers == (((1,), (1,)), ((), ()))
+
+
+def test_channels_last_to_channels_first_contracts_x_as_laid_out():
+    # per b: (d, c) @ x_b (t, c) contracted on its last dimension -> (d, t), the output order
+    low = lowering("b t c -> b d t", "c d", (64, 196, 512), c=512, d=256)
+    assert low.strategy == "loop" and not low.x_first
+    assert (low.x_perm, low.y_perm) == (None, None)
+    assert low.x_dot_shape == (64, 196, 512) and low.dimension_numbers == (((1,), (1,)), ((), ()))
+
+
 def test_multi_head_moves_rows_of_c_and_puts_x_first():
     low = lowering("b t (h c) -> b t (h d)", "h c d", (16, 256, 1024), h=16, c=64, d=64)
     assert low.strategy == "x first" and low.x_first
@@ -282,6 +296,9 @@ VALUES = [
     ("b h t c -> b h t d", "h c d", dict(b=3, h=2, t=64, c=16, d=24), True, "broadcast batch"),
     ("b t (h c) -> b t (h d)", "h c d", dict(b=2, t=5, h=2, c=3, d=4), True, "x first"),
     ("b c -> d b", "c d", dict(b=64, c=5, d=7), True, "w first"),
+    ("b t c -> b t d", "d c", dict(b=2, t=3, c=16, d=24), True, "x first"),
+    ("b t c -> b d t", "c d", dict(b=2, t=256, c=128, d=136), True, "loop"),
+    ("b t c -> b d t", "c d", dict(b=3, t=5, c=8, d=4), True, "x first"),
     (
         "b (h ph) (w pw) c -> b (h w) d",
         "ph pw c d",
