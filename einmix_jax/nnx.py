@@ -3,11 +3,13 @@
 The module builds the functional :class:`einmix_jax.EinMix` once, in ``__init__``, keeps it as a
 static attribute, stores the core's params as ``nnx.Param`` attributes ``weight`` and ``bias``, and
 calls the core. :meth:`EinMix.get_params` / :meth:`EinMix.set_params` convert between the module's
-state and the functional params dict.
+state and the functional params dict. With ``logical_axes`` set, each ``nnx.Param`` carries its
+axis names as NNX sharding metadata (through ``nnx.with_partitioning``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,6 +20,8 @@ from jax.typing import ArrayLike, DTypeLike
 
 from . import _core
 from ._init import Initializer
+from ._shard import param_axes
+from .linen import _logical_option
 
 __all__ = ["EinMix"]
 
@@ -37,6 +41,16 @@ class EinMix(nnx.Module):
         weight_init, bias_init: ``(key, shape, dtype) -> Array``; ``None``: the core's default
             (symmetric uniform, variance ``1/fan_in`` for the weight).
         dot_general: the contraction, ``lax.dot_general`` by default (a hook for quantisation).
+        logical_axes: sharding metadata, off by default (``None``: plain Params).
+            ``True`` (or ``{}``) gives each Param its axis names in the pattern as sharding names
+            (``nnx.with_partitioning``); a mapping such as ``{'c': 'embed'}`` renames some of
+            them. ``nnx.get_partition_spec(nnx.state(layer))`` then gives the names, and
+            ``nn.logical_to_mesh_sharding`` / ``nn.logical_axis_rules`` map them to a mesh. With
+            Flax's eager sharding on (the default from Flax 0.12), the Params are placed when
+            created, so create the layer under ``jax.set_mesh(mesh)`` and
+            ``nn.logical_axis_rules(rules)`` with a rule for every name (``None`` replicates; NNX
+            maps each name by its own rule, with none of linen's precedence), or under
+            ``nnx.use_eager_sharding(False)``, as for Flax's own layers.
         rngs: ``nnx.Rngs``; the params are drawn from its ``params`` stream.
         **axes: axis lengths; every weight and bias axis needs one.
 
@@ -50,6 +64,16 @@ class EinMix(nnx.Module):
         ((4, 3), (3,))
         >>> layer(jnp.ones((2, 5, 4))).shape
         (2, 5, 3)
+        >>> import flax.linen as nn  # sharding names, mapped to a mesh by logical axis rules
+        >>> mesh = jax.make_mesh((1,), ('model',))
+        >>> with jax.set_mesh(mesh), nn.logical_axis_rules([('embed', None), ('d', 'model')]):
+        ...     sharded = em.nnx.EinMix('b t c -> b t d', weight_shape='c d', c=4, d=3,
+        ...                             logical_axes={'c': 'embed'}, rngs=nnx.Rngs(0))
+        >>> specs = nnx.get_partition_spec(nnx.state(sharded))
+        >>> specs.to_pure_dict()
+        {'weight': P('embed', 'd')}
+        >>> nn.logical_to_mesh(specs, [('d', 'model')]).to_pure_dict()
+        {'weight': P(None, 'model')}
     """
 
     def __init__(
@@ -66,6 +90,7 @@ class EinMix(nnx.Module):
         weight_init: Initializer | None = None,
         bias_init: Initializer | None = None,
         dot_general: _core.DotGeneral = lax.dot_general,
+        logical_axes: Mapping[str, str] | bool | None = None,
         rngs: nnx.Rngs,
         **axes: int,
     ) -> None:
@@ -83,10 +108,14 @@ class EinMix(nnx.Module):
             dot_general=dot_general,
             **axes,
         )
-        self.weight = nnx.Param(self.functional.init_weight(rngs.params()))
+        logical = _logical_option(logical_axes, pattern)
+        #: The ``logical_axes`` option as ``(axis, logical name)`` pairs; ``None``: no metadata.
+        self.logical_axes = None if logical is None else tuple(logical.items())
+        names = None if logical is None else param_axes(self.functional, logical_axes=logical)
+        self.weight = _param(self.functional.init_weight, rngs.params(), names, "weight")
         self.bias: nnx.Param[jax.Array] | None
         if self.functional.plan.bias_sizes is not None:
-            self.bias = nnx.Param(self.functional.init_bias(rngs.params()))
+            self.bias = _param(self.functional.init_bias, rngs.params(), names, "bias")
         else:
             self.bias = None
 
@@ -105,6 +134,8 @@ class EinMix(nnx.Module):
             args.append(f"precision={core.precision!r}")
         if core.preferred_element_type is not None:
             args.append(f"preferred_element_type={core.preferred_element_type.name}")
+        if self.logical_axes is not None:
+            args.append(f"logical_axes={dict(self.logical_axes)!r}")
         return f"EinMix({', '.join(args)})"
 
     def get_params(self) -> _core.Params:
@@ -136,12 +167,25 @@ class EinMix(nnx.Module):
         """
         weight, bias = _core._check_params(self.functional, params)
         _assign(self.weight, weight)
-        if self.bias is not None:
+        if self.bias is not None and bias is not None:
             _assign(self.bias, bias)
 
     def __call__(self, x: ArrayLike) -> jax.Array:
         """Apply the layer: the core's ``apply`` with this module's params."""
         return self.functional(self.get_params(), x)
+
+
+def _param(
+    init: Any, key: jax.Array, names: Mapping[str, tuple[str, ...]] | None, name: str
+) -> nnx.Param:
+    """A Param drawn by ``init(key)``; with ``names``, carrying ``names[name]`` as sharding names.
+
+    ``nnx.with_partitioning`` files the names under the metadata key of the installed Flax
+    (``sharding`` up to 0.11.1, ``sharding_names`` up to 0.12.3, ``out_sharding`` since).
+    """
+    if names is None:
+        return nnx.Param(init(key))
+    return nnx.Param(nnx.with_partitioning(init, names[name])(key))
 
 
 def _assign(variable: nnx.Param, value: ArrayLike) -> None:

@@ -3,6 +3,7 @@ transforms, training with nnx.Optimizer, and params shared with the linen layer.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 
@@ -14,12 +15,15 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import einmix_jax as em
 from einmix_jax.nnx import EinMix
 
 from .reference import reference_einmix
 from .test_core import CASES, Case
+from .test_linen import LOGICAL_CASES
 
 
 def _x(shape, seed=0):
@@ -330,3 +334,91 @@ def test_linen_params_copied_into_nnx_give_equal_outputs():
     np.testing.assert_array_equal(_LinenMLP().apply(back, x), _LinenMLP().apply(variables, x))
     back["params"]["EinMix_0"] = model.first.get_params()
     np.testing.assert_array_equal(_LinenMLP().apply(back, x), model(x))
+
+
+def _lazy_sharding():
+    """Flax >= 0.12 places Params that have sharding names when created; this turns that off."""
+    use = getattr(nnx, "use_eager_sharding", None)
+    return contextlib.nullcontext() if use is None else use(False)
+
+
+def test_without_logical_axes_params_carry_no_sharding_names():
+    layer = EinMix("b c -> b d", bias_shape="d", c=4, d=3, rngs=nnx.Rngs(0))
+    assert layer.logical_axes is None
+    specs = nnx.get_partition_spec(nnx.state(layer)).to_pure_dict()
+    assert specs == {"weight": P(), "bias": P()}
+    for param in (layer.weight, layer.bias):
+        assert not {"out_sharding", "sharding_names", "sharding"} & set(param.get_metadata())
+
+
+@pytest.mark.parametrize("name", list(LOGICAL_CASES))
+def test_logical_axes_give_params_sharding_names(name):
+    pattern, weight_shape, bias_shape, axes, x_shape, logical, names, rules = LOGICAL_CASES[name]
+
+    def make(**options):
+        return EinMix(
+            pattern,
+            weight_shape=weight_shape,
+            bias_shape=bias_shape,
+            rngs=nnx.Rngs(3),
+            **options,
+            **axes,
+        )
+
+    with _lazy_sharding():
+        layer = make(logical_axes=logical)
+    specs = nnx.get_partition_spec(nnx.state(layer))
+    assert specs.to_pure_dict() == {k: P(*n) for k, n in names.items()}
+    expected = {k: nn.logical_to_mesh_axes(n, rules) for k, n in names.items()}
+    assert nn.logical_to_mesh(specs, rules).to_pure_dict() == expected
+
+    # the same values and outputs as without metadata, and as the core with the same params
+    plain = make()
+    assert plain.logical_axes is None
+    x = _x(x_shape)
+    jax.tree.map(np.testing.assert_array_equal, layer.get_params(), plain.get_params())
+    np.testing.assert_array_equal(layer(x), plain(x))
+    np.testing.assert_array_equal(layer(x), layer.functional(layer.get_params(), x))
+
+
+def test_logical_axes_place_params_under_a_mesh_and_survive_split_merge_and_jit():
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    # NNX maps each name by its own rule, so give every name one
+    rules = [("heads", "model"), ("embed", "data"), ("d", None)]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        layer = EinMix(
+            "b (h c) -> b (h d)",
+            weight_shape="h c d",
+            bias_shape="h d",
+            h=2,
+            c=3,
+            d=2,
+            logical_axes={"h": "heads", "c": "embed"},
+            rngs=nnx.Rngs(0),
+        )
+        assert nnx.get_partition_spec(nnx.state(layer)).to_pure_dict() == {
+            "weight": P("model", "data", None),
+            "bias": P("model", None),
+        }
+    if getattr(nnx, "using_eager_sharding", lambda: False)():  # Flax >= 0.12: placed when created
+        assert layer.weight.sharding == NamedSharding(mesh, P("model", "data", None))
+        assert layer.bias.sharding == NamedSharding(mesh, P("model", None))
+    assert layer.logical_axes == (("h", "heads"), ("c", "embed"))
+    assert repr(layer).endswith("d=2, logical_axes={'h': 'heads', 'c': 'embed'})")
+
+    graphdef, state = nnx.split(layer)
+    merged = nnx.merge(graphdef, state)
+    assert merged.logical_axes == layer.logical_axes
+    specs = nnx.get_partition_spec(nnx.state(merged)).to_pure_dict()
+    assert specs == {"weight": P("heads", "embed", "d"), "bias": P("heads", "d")}
+    x = _x((4, 6))
+    expected = layer.functional(layer.get_params(), x)
+    with jax.set_mesh(mesh):
+        np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(merged, x), expected, rtol=1e-6)
+
+
+def test_logical_axes_errors_name_the_argument():
+    with pytest.raises(einops.EinopsError, match=r"logical_axes must be None, True or a dict"):
+        EinMix("b c -> b d", c=4, d=3, logical_axes="embed", rngs=nnx.Rngs(0))
+    with pytest.raises(einops.EinopsError, match=r"axis 'e', which is not an axis of this layer"):
+        EinMix("b c -> b d", c=4, d=3, logical_axes={"e": "embed"}, rngs=nnx.Rngs(0))
