@@ -23,7 +23,7 @@ from jax.typing import ArrayLike, DTypeLike
 from . import _core
 from ._errors import EinMixError, describe_call
 from ._init import Initializer
-from ._parse import ELLIPSIS, normalize_axes, param_sizes_from_input
+from ._parse import ELLIPSIS, infer_weight_shape, normalize_axes, param_sizes_from_input
 from ._shard import param_axes
 
 __all__ = ["EinMix", "from_einops"]
@@ -106,15 +106,25 @@ class EinMix(nn.Module):
             args.append(f"logical_axes={dict(logical)!r}")
         return f"EinMix({', '.join(args)})"
 
-    def functional(self, x_shape: tuple[int, ...]) -> _core.EinMix:
+    def functional(
+        self, x_shape: tuple[int, ...], weight_sizes: tuple[int, ...] | None = None
+    ) -> _core.EinMix:
         """The functional layer this module runs for inputs of ``x_shape``.
+
+        Weight lengths missing from ``sizes`` come from ``weight_sizes`` (the stored weight's
+        shape, once the layer has params) or else are read off the input.
 
         Example:
             >>> em.linen.EinMix('b c -> b d', sizes={'d': 3}).functional((2, 4))
             EinMix('b c -> b d', 'c d', d=3, c=4)
         """
         context = describe_call(self.pattern, self.weight_shape, self.bias_shape)
-        axes = normalize_axes(dict(self.sizes), context)
+        sizes = dict(self.sizes)
+        if weight_sizes is not None:
+            names = (self.weight_shape or infer_weight_shape(self.pattern)).split()
+            if len(names) == len(weight_sizes):  # else the core reports the shape mismatch
+                sizes = {**dict(zip(names, weight_sizes, strict=True)), **sizes}
+        axes = normalize_axes(sizes, context)
         axes = param_sizes_from_input(
             self.pattern, self.weight_shape, self.bias_shape, axes, tuple(x_shape)
         )
@@ -135,7 +145,10 @@ class EinMix(nn.Module):
     @nn.compact
     def __call__(self, x: ArrayLike) -> jax.Array:
         """Apply the layer; at init, draw ``'weight'`` (and ``'bias'``) with the core's initializers."""
-        layer = self.functional(tuple(jnp.shape(x)))
+        stored = None
+        if self.has_variable("params", "weight"):  # apply: the params fix the lengths, not x
+            stored = tuple(jnp.shape(nn.meta.unbox(self.get_variable("params", "weight"))))
+        layer = self.functional(tuple(jnp.shape(x)), stored)
         inits: dict[str, Any] = {"weight": layer.init_weight}
         if layer.plan.bias_sizes is not None:
             inits["bias"] = layer.init_bias

@@ -7,7 +7,6 @@ import re
 
 import einops
 import einops.layers.flax
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -123,10 +122,12 @@ def test_size_errors_name_the_axis():
     bad = EinMix("b c -> b d", "c d", sizes={"d": 0})
     with pytest.raises(einops.EinopsError, match=r"axis 'd': length must be a positive integer"):
         bad.init(jax.random.key(0), jnp.ones((2, 3)))
-    # A trained layer fed an input with another feature length: Flax's own shape check.
-    variables = EinMix("b c -> b d", sizes={"d": 2}).init(jax.random.key(0), jnp.ones((2, 3)))
-    with pytest.raises(flax.errors.ScopeParamShapeError, match=re.escape("shape (3, 2)")):
-        EinMix("b c -> b d", sizes={"d": 2}).apply(variables, jnp.ones((2, 4)))
+    # A trained layer fed an input with another feature length: the stored weight fixes 'c'.
+    for logical in (None, True):
+        layer = EinMix("b (h c) -> b (h d)", "h c d", sizes={"h": 3, "d": 2}, logical_axes=logical)
+        variables = layer.init(jax.random.key(0), jnp.ones((2, 6)))
+        with pytest.raises(einops.EinopsError, match=r"group \(h c\): expected 6 = 3 \* 2, got 9"):
+            layer.apply(variables, jnp.ones((2, 9)))
 
 
 def test_hashable_cloneable_static():
