@@ -121,7 +121,10 @@ class EinMix(nn.Module):
         context = describe_call(self.pattern, self.weight_shape, self.bias_shape)
         sizes = dict(self.sizes)
         if weight_sizes is not None:
-            names = (self.weight_shape or infer_weight_shape(self.pattern)).split()
+            weight_shape = self.weight_shape
+            names = (
+                infer_weight_shape(self.pattern) if weight_shape is None else weight_shape
+            ).split()
             if len(names) == len(weight_sizes):  # else the core reports the shape mismatch
                 sizes = {**dict(zip(names, weight_sizes, strict=True)), **sizes}
         axes = normalize_axes(sizes, context)
