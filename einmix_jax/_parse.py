@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import math
 import operator
+from collections.abc import Mapping
+from typing import Any
 
 from einops import EinopsError
 from einops.parsing import ParsedExpression
@@ -111,7 +113,7 @@ def _split_pattern(pattern: object) -> tuple[str, str]:
     return left, right
 
 
-def normalize_axes(axes: dict[str, object], context: str) -> tuple[tuple[str, int], ...]:
+def normalize_axes(axes: Mapping[str, Any], context: str) -> tuple[tuple[str, int], ...]:
     """Check that every axis length is a positive integer; return them as a hashable tuple.
 
     Example:
@@ -121,7 +123,7 @@ def normalize_axes(axes: dict[str, object], context: str) -> tuple[tuple[str, in
     out = []
     for name, length in axes.items():
         try:
-            value = operator.index(length)  # type: ignore[call-overload]
+            value = operator.index(length)
         except TypeError:
             value = None
         if value is None or isinstance(length, bool) or value <= 0:
