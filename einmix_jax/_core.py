@@ -137,14 +137,14 @@ def _apply(params: Params, x: ArrayLike, *, layer: EinMix) -> jax.Array:
             if not jnp.issubdtype(dtype, jnp.inexact):
                 dtype = jnp.result_type(dtype, jnp.float32)
     x, weight = x.astype(dtype), weight.astype(dtype)
-    y = execute(low, x, weight, layer)
-    if bias is not None:
-        y = y + _transpose(bias.astype(y.dtype), low.bias_perm).reshape(low.bias_shape)
+    y = execute(low, x, weight, layer, bias)
     return y.reshape(low.out_shape)
 
 
-def execute(low: Lowering, x: jax.Array, weight: jax.Array, layer: EinMix) -> jax.Array:
-    """Run a lowering's contraction; returns the output with groups split (before the bias)."""
+def execute(
+    low: Lowering, x: jax.Array, weight: jax.Array, layer: EinMix, bias: jax.Array | None = None
+) -> jax.Array:
+    """Run a lowering: the contraction and the bias add; returns the output with groups split."""
     x = x.reshape(low.x_flat_shape)
     if low.sum_axes:
         x = x.sum(low.sum_axes)
@@ -165,7 +165,10 @@ def execute(low: Lowering, x: jax.Array, weight: jax.Array, layer: EinMix) -> ja
         )
 
     y = lax.map(contract, x) if low.loop else contract(x)
-    y = _transpose(y.reshape(low.y_split_shape), low.y_perm)
+    y = y.reshape(low.y_split_shape)
+    if bias is not None:  # in the dot's order: fuses into the transpose, and its gradient too
+        y = y + _transpose(bias.astype(y.dtype), low.bias_perm).reshape(low.bias_shape)
+    y = _transpose(y, low.y_perm)
     return y.reshape(low.out_flat_shape)
 
 

@@ -325,17 +325,17 @@ def _describe(mix: EinMix, x_shape: Shape) -> Description:
     if low.y_split_shape != dot_shape:
         after.append(step("y", "reshape", low.y_split_shape, names, low.y_split_shape))
     current = low.y_split_shape
+    if low.bias_shape is not None:  # added in the dot's order, before the transpose
+        bias_axes = list(mix.plan.bias_axes or ())
+        if low.bias_perm is not None:
+            bias_axes = _permuted(bias_axes, low.bias_perm)
+            after.append(step("bias", "transpose", low.bias_perm, bias_axes))
+        after.append(Step("bias", "add", low.bias_shape, low.y_split_shape, tuple(names)))
     if low.y_perm is not None:
         after.append(step("y", "transpose", low.y_perm, out_axes))
         current = after[-1].shape
     if low.out_flat_shape != current:
         after.append(step("y", "reshape", low.out_flat_shape, out_axes, low.out_flat_shape))
-    if low.bias_shape is not None:
-        bias_axes = list(mix.plan.bias_axes or ())
-        if low.bias_perm is not None:
-            bias_axes = _permuted(bias_axes, low.bias_perm)
-            after.append(step("bias", "transpose", low.bias_perm, bias_axes))
-        after.append(Step("bias", "add", low.bias_shape, low.out_flat_shape, tuple(out_axes)))
     if low.out_shape != low.out_flat_shape:
         n_ellipsis = len(x_shape) - sum(1 for g in mix.plan.left if g != ELLIPSIS)
         groups = tuple(_label(list(g)) for g in _expand(mix.plan.right, n_ellipsis))

@@ -23,8 +23,8 @@ and ``F`` axes). For every split ``O = outer + rest`` (``outer`` may be empty) t
 stay in front, in x's order, in x, in the dot result and so in the output:
 
 * an ``F`` axis in ``outer`` is either a loop axis (the leading ``F`` axes of ``outer`` may be
-  iterated over with ``lax.map``, one GEMM per slice: no copy of anything) or a batch dimension of
-  the dot along which the weight is broadcast;
+  iterated over with ``lax.map``, one GEMM per slice, no transpose) or a batch dimension of the
+  dot along which the weight is broadcast;
 * a ``B`` axis is a batch dimension of the dot (the weight is transposed to put it first);
 * the other axes form the GEMM, either *x first*, ``x -> (D, F, K) @ w -> (D, K, G)`` giving
   ``(D, F, G)``, or *w first*, ``w -> (D, G, K) @ x -> (D, K, F)`` giving ``(D, G, F)``, where ``D``
@@ -33,21 +33,30 @@ stay in front, in x's order, in x, in the dot result and so in the output:
   contracted axes come last needs no transpose; the left operand keeps ``K`` last, the layout
   XLA:CPU's fast GEMM kernels take without a copy.
 
-``outer = []`` gives the two plain forms. Each candidate is costed in elements moved: a transpose
-of x, of the dot result (to the output order) or of the weight costs its size, a weight
-broadcast costs ``BROADCAST_PASSES`` times its size (the copy, and the per-slice weight gradient
-that the backward pass writes and sums), and a loop costs ``LOOP_STEP_COST`` elements per
-iteration (loop overhead, smaller GEMMs). The cheapest candidate is taken; ties go to the first
-(no outer axes, x first). Typical results: a plain linear layer is one 2-d GEMM with free reshapes;
-multi-head ``'b t (h c) -> b t (h d)'`` moves rows of ``c`` to ``(h, b t, c)`` (x first: the moved
-rows are contiguous, the GEMM has the long ``b t`` side as rows); token mixing
-``'b t c -> b u c'`` keeps ``b`` outer and runs ``(u, t) @ (t, c)`` per ``b`` with no transpose
-of x or of the output.
+``outer = []`` gives the two plain forms. The bias is added to the dot result before it is
+transposed to the output order, so the add fuses into that transpose and the bias gradient is
+summed from the output gradient in the layout the backward dots use anyway.
+
+The cost, in elements moved. A transpose of x, of the dot result (to the output order) or of the
+weight costs its size; a weight broadcast costs ``BROADCAST_PASSES`` times its size (the copy,
+and the per-slice weight gradient that the backward pass writes and sums); a loop costs
+``LOOP_COPY_FRACTION`` of x and the output (it copies their slices in and out, contiguously)
+plus ``LOOP_STEP_COST`` per iteration (loop overhead, smaller GEMMs). The cheapest candidate is
+taken; ties go to the first (no outer axes, x first, no operand used as ``(D, N, K)``). The loop
+constants are calibrated on XLA:CPU with the benchmark's token-mixing and channels-first cases,
+which fall on either side of the line.
+
+Typical results: a plain linear layer is one 2-d GEMM between free reshapes; multi-head
+``'b t (h c) -> b t (h d)'`` moves rows of ``c`` to ``(h, b t, c)`` and back (x first: the moved
+rows are contiguous and the GEMM's long side is ``b t``); token mixing ``'b t c -> b u c'`` keeps
+``b`` outer and runs ``(u, t) @ (t, c)`` per ``b``, with no transpose of x or of the output;
+patch embedding transposes x once to ``(b h w, ph pw c)``, keeping the contracted axes in memory
+order so the weight is used as stored.
 
 Loops are only considered when ``lower(..., loops=True)``; by default that is on a single
-XLA:CPU device, where a loop of 2-d GEMMs beats a batched GEMM with a broadcast weight (whose
-backward pass sums the per-slice weight gradients in one slow fused kernel). On accelerators
-and on several devices (where the outer axis may be sharded) the broadcast form is used.
+XLA:CPU device, where a loop of 2-d GEMMs can beat a batched GEMM with a broadcast weight (whose
+backward pass sums the per-slice weight gradients in one slow fused kernel). On accelerators and
+on several devices (where the outer axis may be sharded) the broadcast form is used instead.
 """
 
 from __future__ import annotations
@@ -83,7 +92,9 @@ class Lowering:
     y_perm: Perm  #: to the flat output order
     out_flat_shape: tuple[int, ...]  #: the output with groups split
     bias_perm: Perm
-    bias_shape: tuple[int, ...] | None  #: bias reshaped to broadcast against the flat output
+    #: the bias is added to the split dot result (``y_split_shape``), before ``y_perm``: to its
+    #: axes in that order, reshaped with unit lengths for the others
+    bias_shape: tuple[int, ...] | None
     out_shape: tuple[int, ...]
     strategy: str  #: 'x first', 'w first', 'broadcast batch' or 'loop'
     #: x_dot_shape's first dimension is iterated over (``lax.map``); ``dimension_numbers`` and
@@ -92,8 +103,12 @@ class Lowering:
     flat_axes: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]  #: x, w, out axis names
 
 
-#: The cost of one loop iteration, in moved elements (loop overhead and a smaller GEMM).
-LOOP_STEP_COST = 1 << 14
+#: A loop copies each slice of x in and each slice of the result out (``dynamic_slice`` and
+#: ``dynamic_update_slice``): contiguous, cache-resident copies, costed at this fraction of moving
+#: x and the output once ...
+LOOP_COPY_FRACTION = 1 / 3
+#: ... plus this many elements per iteration (loop overhead, smaller GEMMs).
+LOOP_STEP_COST = 1 << 12
 #: A weight broadcast is paid twice: the broadcast copy, and the per-slice weight gradient that
 #: the backward pass writes and then sums.
 BROADCAST_PASSES = 2
@@ -158,10 +173,12 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
 
     Example:
         >>> from ._parse import parse
-        >>> plan = parse('b t c -> b u c', 't u', None, (('t', 3), ('u', 5)))
-        >>> low = lower(plan, (2, 3, 4))
-        >>> low.strategy, low.x_perm, low.y_perm
-        ('broadcast batch', None, None)
+        >>> plan = parse('b t c -> b u c', 't u', None, (('t', 196), ('u', 256)))
+        >>> low = lower(plan, (64, 196, 512), loops=True)
+        >>> low.strategy, low.x_perm, low.y_perm, low.x_dot_shape, low.w_dot_shape
+        ('loop', None, None, (64, 196, 512), (256, 196))
+        >>> lower(plan, (64, 196, 512), loops=False).w_broadcast
+        ((1, 256, 196), (64, 256, 196))
     """
     sizes, n_ellipsis = resolve_sizes(plan, x_shape)
     x_axes = [a for g in _expand(plan.left, n_ellipsis) for a in g]
@@ -222,13 +239,15 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
     def moved(src: list[str], dst: list[str]) -> int:
         return 0 if _perm(src, dst, sizes) is None else size(src)
 
+    loop_copies = round(LOOP_COPY_FRACTION * (size(x_kept) + size(out_axes)))
+
     def cost(c: _Candidate) -> int:
         return (
             moved(x_kept, c.x_order)
             + moved(c.y_order, out_axes)
             + moved(w_axes, c.w_order)
-            + BROADCAST_PASSES * size(c.bcast) * size(w_axes)
-            + (LOOP_STEP_COST * size(c.loop) if c.loop else 0)
+            + (BROADCAST_PASSES * size(c.bcast) * size(w_axes) if c.bcast else 0)
+            + (loop_copies + LOOP_STEP_COST * size(c.loop) if c.loop else 0)
         )
 
     best = min(candidates, key=cost)
@@ -264,8 +283,8 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
     if plan.bias_axes is not None:
         bias_axes = list(plan.bias_axes)
         in_bias = set(bias_axes)
-        bias_perm = _perm(bias_axes, [a for a in out_axes if a in in_bias], sizes)
-        bias_shape = tuple(sizes[a] if a in in_bias else 1 for a in out_axes)
+        bias_perm = _perm(bias_axes, [a for a in y_order if a in in_bias], sizes)
+        bias_shape = tuple(sizes[a] if a in in_bias else 1 for a in y_order)
     out_shape = tuple(math.prod(sizes[a] for a in g) for g in out_groups)
     return Lowering(
         x_flat_shape=tuple(sizes[a] for a in x_axes),

@@ -79,9 +79,11 @@ def test_a_small_weight_is_broadcast_rather_than_looped_over():
 
 
 def test_channels_first_mixes_channels_in_place():
+    # a loop would copy 16 slices of 1 MB in and out; the broadcast weight is only 16 x 256 KB
     low = lowering("b c h w -> b d h w", "c d", (16, 256, 32, 32), c=256, d=256)
-    assert low.strategy == "loop" and (low.x_perm, low.y_perm) == (None, None)
-    assert low.x_dot_shape == (16, 256, 1024) and low.w_dot_shape == (256, 256)
+    assert low.strategy == "broadcast batch" and (low.x_perm, low.y_perm) == (None, None)
+    assert low.x_dot_shape == (16, 256, 1024) and low.w_dot_shape == (16, 256, 256)
+    assert low.w_broadcast == ((1, 256, 256), (16, 256, 256))
 
 
 def test_a_weight_stored_out_in_is_used_as_stored():
@@ -90,12 +92,14 @@ def test_a_weight_stored_out_in_is_used_as_stored():
     assert low.w_dot_shape == (2048, 512) and low.dimension_numbers == (((1,), (1,)), ((), ()))
 
 
-def test_channels_last_to_channels_first_contracts_x_as_laid_out():
-    # per b: (d, c) @ x_b (t, c) contracted on its last dimension -> (d, t), the output order
+def test_channels_last_to_channels_first():
+    # one big GEMM and a transpose of the (smaller) output beat a loop over b
     low = lowering("b t c -> b d t", "c d", (64, 196, 512), c=512, d=256)
-    assert low.strategy == "loop" and not low.x_first
-    assert (low.x_perm, low.y_perm) == (None, None)
-    assert low.x_dot_shape == (64, 196, 512) and low.dimension_numbers == (((1,), (1,)), ((), ()))
+    assert low.strategy == "x first" and low.x_perm is None and low.y_perm == (0, 2, 1)
+    # with a longer t: (b, d, c) @ x (b, t, c) contracted on its last dimension, no transpose
+    low = lowering("b t c -> b d t", "c d", (2, 4096, 64), c=64, d=512)
+    assert low.strategy == "broadcast batch" and (low.x_perm, low.y_perm) == (None, None)
+    assert low.dimension_numbers == (((2,), (2,)), ((0,), (0,)))
 
 
 def test_multi_head_moves_rows_of_c_and_puts_x_first():
@@ -117,13 +121,18 @@ def test_patch_embedding_keeps_contracted_axes_in_memory_order():
 
 
 def test_batch_axis_after_an_x_only_axis():
-    # x (b, h, t, c), weight (h, c, d): per b, one (h, t, c) @ (h, c, d) batched GEMM
+    # x (b, h, t, c), weight (h, c, d): the dot batches over (b, h), the weight broadcast along b
     low = lowering("b h t c -> b h t d", "h c d", (64, 8, 256, 64), h=8, c=64, d=32)
-    assert low.strategy == "loop" and (low.x_perm, low.y_perm, low.w_perm) == (None,) * 3
-    assert low.x_dot_shape == (64, 8, 256, 64) and low.dimension_numbers == BATCHED
-    no_loop = lowering("b h t c -> b h t d", "h c d", (64, 8, 256, 64), False, h=8, c=64, d=32)
-    assert no_loop.strategy == "broadcast batch"
-    assert (no_loop.x_perm, no_loop.y_perm) == (None, None)
+    assert low.strategy == "broadcast batch"
+    assert (low.x_perm, low.y_perm, low.w_perm) == (None,) * 3
+    assert low.x_dot_shape == (512, 256, 64) and low.dimension_numbers == BATCHED
+    # a weight too big to broadcast: a loop over b of (h, t, c) @ (h, c, d)
+    low = lowering("b h t c -> b h t d", "h c d", (4, 8, 256, 64), h=8, c=64, d=1024)
+    assert low.strategy == "loop" and (low.x_perm, low.y_perm) == (None, None)
+    assert low.x_dot_shape == (4, 8, 256, 64) and low.dimension_numbers == BATCHED
+    # ... or, with loops off, the weight broadcast after all (a transpose would move more)
+    low = lowering("b h t c -> b h t d", "h c d", (4, 8, 256, 64), False, h=8, c=64, d=1024)
+    assert low.strategy == "broadcast batch" and (low.x_perm, low.y_perm) == (None, None)
 
 
 def test_qkv_projection_is_one_gemm_and_one_output_transpose():
@@ -179,7 +188,7 @@ def moved_sizes(hlo: str) -> set[int]:
 IN_PLACE = [
     ("b t c -> b t d", "c d", "d", dict(c=16, d=24), (4, 12, 16)),
     ("... c -> ... d", "c d", "d", dict(c=16, d=24), (2, 3, 5, 16)),
-    ("b t c -> b u c", "t u", "u", dict(t=12, u=20), (4, 12, 16)),  # broadcast batch
+    ("b t c -> b u c", "t u", "u", dict(t=12, u=20), (4, 12, 64)),  # broadcast batch
     ("b t c -> b u c", "t u", "u", dict(t=128, u=136), (2, 128, 128)),  # loop
     ("b c h w -> b d h w", "c d", "d", dict(c=128, d=136), (2, 128, 8, 16)),  # loop
     ("b t c -> b d", "c d", "d", dict(c=16, d=24), (4, 12, 16)),
@@ -289,15 +298,15 @@ def einsum_case(pattern, weight_shape, sizes, rng):
 # (pattern, weight_shape, every axis length, loops, strategy expected)
 VALUES = [
     ("b t c -> b t d", "c d", dict(b=4, t=12, c=16, d=24), True, "x first"),
-    ("b t c -> b u c", "t u", dict(b=4, t=12, u=20, c=16), True, "broadcast batch"),
+    ("b t c -> b u c", "t u", dict(b=4, t=12, u=20, c=64), True, "broadcast batch"),
     ("b t c -> b u c", "t u", dict(b=2, t=128, u=136, c=128), True, "loop"),
-    ("b t c -> b u c", "t u", dict(b=2, t=128, u=136, c=128), False, "broadcast batch"),
+    ("b t c -> b u c", "t u", dict(b=2, t=128, u=136, c=128), False, "x first"),
     ("b h t c -> b h t d", "h c d", dict(b=3, h=2, t=64, c=96, d=88), True, "loop"),
     ("b h t c -> b h t d", "h c d", dict(b=3, h=2, t=64, c=16, d=24), True, "broadcast batch"),
     ("b t (h c) -> b t (h d)", "h c d", dict(b=2, t=5, h=2, c=3, d=4), True, "x first"),
     ("b c -> d b", "c d", dict(b=64, c=5, d=7), True, "w first"),
     ("b t c -> b t d", "d c", dict(b=2, t=3, c=16, d=24), True, "x first"),
-    ("b t c -> b d t", "c d", dict(b=2, t=256, c=128, d=136), True, "loop"),
+    ("b t c -> b d t", "c d", dict(b=2, t=512, c=128, d=136), True, "broadcast batch"),
     ("b t c -> b d t", "c d", dict(b=3, t=5, c=8, d=4), True, "x first"),
     (
         "b (h ph) (w pw) c -> b (h w) d",
