@@ -487,8 +487,8 @@ def targets(results: list[dict]) -> list[str]:
         ours, eo, fx = rows["einmix"], rows["einops layer"], rows["flax Einsum"]
         linen = rows.get("einmix linen")
 
-        def flag(v: float, limit: float) -> str:
-            return f"{v:.2f}" + ("" if v <= limit else " ✗")
+        def flag(v: float, limit: float) -> str:  # the target, at the table's precision
+            return f"{v:.2f}" + ("" if round(v, 2) <= limit else " ✗")
 
         mem = [
             ours["mem_" + m] / max(rows[best[m]]["mem_" + m], 1) if rows[best[m]]["mem_" + m] else

@@ -184,6 +184,24 @@ def moved_sizes(hlo: str) -> set[int]:
     return out
 
 
+def materialized_moves(hlo: str) -> list[int]:
+    """Sizes of the arrays that the entry computation writes with a copy/transpose kernel."""
+    bodies = {c.split(" ", 1)[0].lstrip("%"): c for c in hlo.split("\n\n") if c.startswith("%")}
+    entry = hlo[hlo.index("\nENTRY") :]
+    out = []
+    for line in entry.splitlines():
+        found = _INSTRUCTION.search(line)
+        if not found or found.group(1) == "s32":
+            continue
+        called = re.search(r"calls=%([\w.-]+)", line)
+        moving = found.group(3) in ("copy", "transpose") or (
+            called is not None and moved_sizes(bodies.get(called.group(1), ""))
+        )
+        if moving:
+            out.append(int(np.prod([int(d) for d in found.group(2).split(",") if d])))
+    return out
+
+
 # (pattern, weight_shape, bias_shape, axes, x_shape): for each the plan moves neither x nor y
 IN_PLACE = [
     ("b t c -> b t d", "c d", "d", dict(c=16, d=24), (4, 12, 16)),
@@ -228,6 +246,16 @@ def test_multi_head_hlo_moves_x_and_the_output_once_each():
     computations = hlo.split("\n\n")  # a kernel that moves data: a computation with a copy
     moving = [c for c in computations if moved_sizes(c) - {1}]
     assert len(moving) == 2, moving  # x to (h, b t, c), the result back to (b, t, h d)
+
+
+def test_output_gradient_is_transposed_once_for_the_dots_and_the_bias():
+    # the bias is added on the dot result's layout, so its gradient reuses that transposed copy
+    params, layer = em.init("b t c -> qkv b h t d", jax.random.key(0), weight_shape="c qkv h d",
+                            bias_shape="qkv h d", c=64, qkv=3, h=4, d=16)  # fmt: skip
+    x, ct = jnp.ones((4, 64, 64)), jnp.ones((3, 4, 4, 64, 16))
+    grad = jax.grad(lambda p, x, ct: jnp.vdot(layer(p, x), ct), (0, 1))
+    hlo = jax.jit(grad).lower(params, x, ct).compile().as_text()
+    assert materialized_moves(hlo).count(ct.size) == 1
 
 
 @pytest.mark.parametrize(
