@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench.py                      # every case, 20 rounds, writes RESULTS.md
+    python benchmarks/bench.py                      # every case, 30 rounds, writes RESULTS.md
     python benchmarks/bench.py --cases 2 3 --rounds 30
     python benchmarks/bench.py --quick --no-write    # fewer rounds, nothing written
 
@@ -551,13 +551,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     keys = [c.key for c in CASES]
     parser.add_argument("--cases", nargs="+", default=keys, choices=[*keys, "tiny"])
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 20)")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 30)")
     parser.add_argument("--compile-rounds", type=int, default=None, help="default 3")
     parser.add_argument("--quick", action="store_true", help="5 timing rounds, 1 compile round")
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args(argv)
-    rounds = args.rounds or (5 if args.quick else 20)
+    rounds = args.rounds or (5 if args.quick else 30)
     compile_rounds = args.compile_rounds or (1 if args.quick else 3)
     cases = {c.key: c for c in [*CASES, TINY]}
 

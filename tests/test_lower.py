@@ -248,11 +248,22 @@ def test_multi_head_hlo_moves_x_and_the_output_once_each():
     assert len(moving) == 2, moving  # x to (h, b t, c), the result back to (b, t, h d)
 
 
-def test_output_gradient_is_transposed_once_for_the_dots_and_the_bias():
-    # the bias is added on the dot result's layout, so its gradient reuses that transposed copy
-    params, layer = em.init("b t c -> qkv b h t d", jax.random.key(0), weight_shape="c qkv h d",
-                            bias_shape="qkv h d", c=64, qkv=3, h=4, d=16)  # fmt: skip
-    x, ct = jnp.ones((4, 64, 64)), jnp.ones((3, 4, 4, 64, 16))
+@pytest.mark.parametrize(
+    ("pattern", "weight_shape", "bias_shape", "axes", "x_shape"),
+    [
+        ("b t c -> qkv b h t d", "c qkv h d", "qkv h d", dict(c=64, qkv=3, h=4, d=16), (4, 64, 64)),
+        ("b t (h c) -> b t (h d)", "h c d", "h d", dict(h=4, c=16, d=24), (4, 64, 64)),
+    ],
+)
+def test_output_gradient_is_transposed_once_for_the_dots_and_the_bias(
+    pattern, weight_shape, bias_shape, axes, x_shape
+):
+    # the bias is added on the dot result's layout and transposes run at their lowest rank, so
+    # one transposed copy of the output gradient feeds the bias gradient and both backward dots
+    params, layer = em.init(pattern, jax.random.key(0), weight_shape=weight_shape,
+                            bias_shape=bias_shape, **axes)  # fmt: skip
+    x = jnp.ones(x_shape)
+    ct = jnp.ones(jax.eval_shape(layer, params, x).shape)
     grad = jax.grad(lambda p, x, ct: jnp.vdot(layer(p, x), ct), (0, 1))
     hlo = jax.jit(grad).lower(params, x, ct).compile().as_text()
     assert materialized_moves(hlo).count(ct.size) == 1
