@@ -20,10 +20,11 @@ parameter values:
 Metrics: warm forward; forward+backward (value and gradient of ``vdot(y, ct)`` with respect to
 the params and ``x``); first-call trace+compile time of each (``jax.clear_caches()`` before each
 measurement, so nothing is reused but the library's own cached plan); XLA temp memory
-(``compiled.memory_analysis().temp_size_in_bytes``). Timings are interleaved round-robin (the order
-rotates each round) and reported as medians of the per-round ratios to the best hand-written
-lowering, which are far steadier than absolute times on a shared machine. Every output and
-gradient is checked against ``rearrange+einsum`` before timing.
+(``compiled.memory_analysis().temp_size_in_bytes``). Timings are interleaved round-robin (in a
+fresh random order each round) and reported as medians of the per-round ratios to the best
+hand-written lowering, which are far steadier than absolute times on a shared machine. Every
+output and gradient is checked against ``rearrange+einsum`` before timing, and the optimized HLO
+of einmix is compared with that of each hand-written lowering.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import datetime
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -119,9 +121,9 @@ def hand_patches(ph: int, pw: int) -> Fn:
     """'b (h ph) (w pw) c -> b (h w) d': one transpose of x to ``(b h w, ph pw c)``, 2-d GEMM."""
 
     def f(p: Params, x: jax.Array) -> jax.Array:
-        b, hh, ww, c = x.shape
-        x6 = x.reshape(b, hh // ph, ph, ww // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
-        y = _dot(x6.reshape(-1, ph * pw * c), p["weight"].reshape(ph * pw * c, -1), ((1,), (0,)))
+        b, hh, ww, c = x.shape  # (b h, ph, w, pw c) -> (b h, w, ph, pw c): rows of pw c move
+        x4 = x.reshape(b * (hh // ph), ph, ww // pw, pw * c).transpose(0, 2, 1, 3)
+        y = _dot(x4.reshape(-1, ph * pw * c), p["weight"].reshape(ph * pw * c, -1), ((1,), (0,)))
         return (y + p["bias"]).reshape(b, (hh // ph) * (ww // pw), -1)
 
     return f
@@ -326,6 +328,22 @@ class Measured:
     compile_fb: list[float] = dataclasses.field(default_factory=list)
     mem_fwd: int = 0
     mem_fb: int = 0
+    hlo: tuple = ()  #: signatures of the optimized forward and forward+backward HLO
+
+
+def hlo_signature(hlo: str, min_size: int = 1 << 16) -> list[str]:
+    """The optimized HLO's instructions on arrays of at least ``min_size`` elements, without
+    names and metadata, sorted: equal signatures mean the same large kernels (shapes, layouts,
+    fusions, dots, loops), whatever produced them; ops on bias-sized arrays are left out."""
+    lines = []
+    for line in hlo.splitlines():
+        shape = re.match(r"\s+(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\]", line)
+        if not shape or math.prod(int(d) for d in shape.group(1).split(",") if d) < min_size:
+            continue
+        line = re.sub(r", (metadata|backend_config|frontend_attributes)=.*", "", line)
+        line = re.sub(r"%[\w.\-]+|parameter\(\d+\)", "", line)
+        lines.append(line.strip())
+    return sorted(lines)
 
 
 def _fwd_bwd(fn: Fn) -> Callable[..., Any]:
@@ -390,13 +408,17 @@ def run_case(case: Case, rounds: int, compile_rounds: int, log: Callable[[str], 
             _close(impl.name, f"{name} grad", impl.to_core(g)[name], g_ref[name], case.dtype)
         _close(impl.name, "x grad", gx, gx_ref, case.dtype)
         m = results[impl.name]
-        m.mem_fwd = fwd[impl.name].lower(impl.params, x).compile().memory_analysis()
-        m.mem_fwd = m.mem_fwd.temp_size_in_bytes
-        m.mem_fb = fb[impl.name].lower(impl.params, x, ct).compile().memory_analysis()
-        m.mem_fb = m.mem_fb.temp_size_in_bytes
+        compiled_fwd = fwd[impl.name].lower(impl.params, x).compile()
+        compiled_fb = fb[impl.name].lower(impl.params, x, ct).compile()
+        m.mem_fwd = compiled_fwd.memory_analysis().temp_size_in_bytes
+        m.mem_fb = compiled_fb.memory_analysis().temp_size_in_bytes
+        m.hlo = (hlo_signature(compiled_fwd.as_text()), hlo_signature(compiled_fb.as_text()))
 
-    for r in range(compile_rounds):  # first-call trace + compile, fresh caches every time
-        for impl in impls[r % len(impls) :] + impls[: r % len(impls)]:
+    # A fresh random order every round: no implementation always follows the same one (which
+    # may have left x in the cache or freed a buffer of the right size).
+    order = random.Random(0)
+    for _ in range(compile_rounds):  # first-call trace + compile, fresh caches every time
+        for impl in order.sample(impls, len(impls)):
             m = results[impl.name]
             m.compile_fwd.append(_compile_time(impl.fn, impl.params, x)[0])
             m.compile_fb.append(_compile_time(_fwd_bwd(impl.fn), impl.params, x, ct)[0])
@@ -406,14 +428,14 @@ def run_case(case: Case, rounds: int, compile_rounds: int, log: Callable[[str], 
         jax.block_until_ready(fwd[impl.name](impl.params, x))
         jax.block_until_ready(fb[impl.name](impl.params, x, ct))
 
-    # repetitions per measurement so that each lasts >= ~25 ms
+    # repetitions per measurement so that each lasts >= ~40 ms
     hand0 = next(i for i in impls if i.hand)
     t_fwd = min(_timed(fwd[hand0.name], (hand0.params, x), 1) for _ in range(3))
     t_fb = min(_timed(fb[hand0.name], (hand0.params, x, ct), 1) for _ in range(3))
-    reps_fwd = max(1, min(100, math.ceil(0.025 / t_fwd)))
-    reps_fb = max(1, min(100, math.ceil(0.025 / t_fb)))
-    for r in range(rounds):
-        for impl in impls[r % len(impls) :] + impls[: r % len(impls)]:
+    reps_fwd = max(1, min(100, math.ceil(0.04 / t_fwd)))
+    reps_fb = max(1, min(100, math.ceil(0.04 / t_fb)))
+    for _ in range(rounds):
+        for impl in order.sample(impls, len(impls)):
             m = results[impl.name]
             m.fwd.append(_timed(fwd[impl.name], (impl.params, x), reps_fwd))
             m.fb.append(_timed(fb[impl.name], (impl.params, x, ct), reps_fb))
@@ -439,6 +461,10 @@ def summarize(case: Case, results: dict[str, Measured], rounds: int) -> dict:
         row["compile_fb"] = med(m.compile_fb)
         row["mem_fwd"] = m.mem_fwd
         row["mem_fb"] = m.mem_fb
+        # the hand-written lowerings that compile to the very same kernels (fwd, fwd+bwd)
+        row["same_hlo"] = tuple(
+            [h[6:] for h in hand if results[h].hlo[i] == m.hlo[i]] for i in range(2)
+        )
         rows[name] = row
     return {"case": case, "rows": rows, "best": best, "rounds": rounds}
 
@@ -458,7 +484,8 @@ def case_table(result: dict) -> list[str]:
         f"**{case.key}** `{case.pattern}` ({case.title}); weight `{case.weight_shape}`, bias "
         f"`{case.bias_shape}`, x {case.x_shape}, {', '.join(f'{k}={v}' for k, v in case.sizes.items())}"
         f"{', compute bf16' if case.dtype == BF16 else ''}; best fwd: {best['fwd'][6:]}, best "
-        f"fwd+bwd: {best['fb'][6:]}",
+        f"fwd+bwd: {best['fb'][6:]}; einmix's optimized HLO is that of "
+        f"{_same(rows['einmix']['same_hlo'])}",
         "",
         "| implementation | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | compile fwd s | "
         "compile fwd+bwd s | temp MB fwd | temp MB fwd+bwd |",
@@ -474,13 +501,18 @@ def case_table(result: dict) -> list[str]:
     return lines
 
 
+def _same(same: tuple[list[str], list[str]]) -> str:
+    fwd, fb = (", ".join(f"hand: {n}" for n in names) or "no hand lowering" for names in same)
+    return fwd if fwd == fb else f"{fwd} (fwd), {fb} (fwd+bwd)"
+
+
 def targets(results: list[dict]) -> list[str]:
     """The issue's targets for the functional apply (and the linen layer), one line per case."""
     lines = [
         "| case | einmix fwd | einmix fwd+bwd | linen fwd | linen fwd+bwd | compile vs einops "
         "(fwd / fwd+bwd) | temp vs best (fwd / fwd+bwd) | einops layer fwd / fwd+bwd | "
-        "flax Einsum fwd / fwd+bwd |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "flax Einsum fwd / fwd+bwd | einmix HLO = hand (fwd / fwd+bwd) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for res in results:
         rows, best = res["rows"], res["best"]
@@ -503,7 +535,7 @@ def targets(results: list[dict]) -> list[str]:
             f"{flag(ours['compile_fb'] / eo['compile_fb'], 1.0)}"
             f" | {flag(mem[0], 1.0)} / {flag(mem[1], 1.0)}"
             f" | {eo['fwd_ratio']:.2f} / {eo['fb_ratio']:.2f} | {fx['fwd_ratio']:.2f} / "
-            f"{fx['fb_ratio']:.2f} |"
+            f"{fx['fb_ratio']:.2f} | {' / '.join(', '.join(n) or '-' for n in ours['same_hlo'])} |"
         )
     worst = max(
         (res["rows"]["einmix"][m + "_ratio"], res["case"].key, m)
