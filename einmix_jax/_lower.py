@@ -84,11 +84,11 @@ class Lowering:
     x_dot_shape: tuple[int, ...]
     w_perm: Perm
     w_dot_shape: tuple[int, ...]
-    #: strategy 3: reshape the weight to the first shape (unit axes), broadcast to the second
+    #: broadcast batch: reshape the weight to the first shape (unit axes), broadcast to the second
     w_broadcast: tuple[tuple[int, ...], tuple[int, ...]] | None
     x_first: bool  #: x is the dot's left operand (else the weight is)
     dimension_numbers: DimensionNumbers
-    y_split_shape: tuple[int, ...]  #: dot result with merged dimensions split again
+    y_split_shape: tuple[int, ...]  #: dot result (stacked over the loop) with merged dims split
     y_perm: Perm  #: to the flat output order
     out_flat_shape: tuple[int, ...]  #: the output with groups split
     bias_perm: Perm
@@ -129,7 +129,7 @@ class _Candidate:
 
 
 def _loops_pay_off() -> bool:
-    """Loops beat batched dots only on XLA:CPU, and would fight a sharded batch axis."""
+    """Loops can beat batched dots only on XLA:CPU, and would fight a sharded batch axis."""
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
