@@ -174,39 +174,138 @@ class Case:
 
 
 CASES = [
-    Case("1", "linear", "b t c -> b t d", "c d", "d", dict(c=512, d=2048), (32, 256, 512),
-         "btc,cd->btd", {"2-d": hand_linear}),
-    Case("2", "token mixing", "b t c -> b u c", "t u", "u", dict(t=196, u=256), (64, 196, 512),
-         "btc,tu->buc", {"broadcast": hand_mix_broadcast, "loop": hand_mix_loop}),
-    Case("3", "multi-head", "b t (h c) -> b t (h d)", "h c d", "h d", dict(h=16, c=64, d=64),
-         (16, 256, 1024), "bthc,hcd->bthd", {"x first": hand_heads(16),
-         "in place": hand_heads_direct(16)}, pre="b t (h c) -> b t h c",
-         post="b t h d -> b t (h d)"),
-    Case("4", "patch embedding", "b (h ph) (w pw) c -> b (h w) d", "ph pw c d", "d",
-         dict(ph=16, pw=16, c=3, d=768), (32, 224, 224, 3), "bhpwqc,pqcd->bhwd",
-         {"transpose x": hand_patches(16, 16)}, pre="b (h ph) (w pw) c -> b h ph w pw c",
-         post="b h w d -> b (h w) d"),
-    Case("5", "ellipsis", "... c -> ... d", "c d", "d", dict(c=256, d=256), (8, 16, 128, 256),
-         "...c,cd->...d", {"2-d": hand_linear}),
-    Case("3bf16", "multi-head, bf16 compute", "b t (h c) -> b t (h d)", "h c d", "h d",
-         dict(h=16, c=64, d=64), (16, 256, 1024), "bthc,hcd->bthd",
-         {"x first": hand_heads(16), "in place": hand_heads_direct(16)},
-         pre="b t (h c) -> b t h c", post="b t h d -> b t (h d)", dtype=BF16),
-    Case("cf", "channels-first", "b c h w -> b d h w", "c d", "d", dict(c=256, d=256),
-         (16, 256, 32, 32), "bchw,cd->bdhw",
-         {"broadcast": hand_mix_broadcast, "loop": hand_mix_loop}),
-    Case("qkv", "q/k/v projection", "b t c -> qkv b h t d", "c qkv h d", "qkv h d",
-         dict(c=512, qkv=3, h=8, d=64), (16, 256, 512), "btc,cqhd->qbhtd", {"2-d": hand_qkv}),
-    Case("heads-out", "merge heads (input-only axis h)", "b h t e -> b t c", "h e c", "c",
-         dict(h=8, e=64, c=512), (16, 8, 256, 64), "bhte,hec->btc",
-         {"transpose x": hand_merge_heads}),
-    Case("pool", "summed axis", "b t c -> b d", "c d", "d", dict(c=512, d=1024),
-         (64, 196, 512), "btc,cd->bd", {"sum, 2-d": hand_pool_linear}),
-]  # fmt: skip
+    Case(
+        "1",
+        "linear",
+        "b t c -> b t d",
+        "c d",
+        "d",
+        dict(c=512, d=2048),
+        (32, 256, 512),
+        "btc,cd->btd",
+        {"2-d": hand_linear},
+    ),
+    Case(
+        "2",
+        "token mixing",
+        "b t c -> b u c",
+        "t u",
+        "u",
+        dict(t=196, u=256),
+        (64, 196, 512),
+        "btc,tu->buc",
+        {"broadcast": hand_mix_broadcast, "loop": hand_mix_loop},
+    ),
+    Case(
+        "3",
+        "multi-head",
+        "b t (h c) -> b t (h d)",
+        "h c d",
+        "h d",
+        dict(h=16, c=64, d=64),
+        (16, 256, 1024),
+        "bthc,hcd->bthd",
+        {"x first": hand_heads(16), "in place": hand_heads_direct(16)},
+        pre="b t (h c) -> b t h c",
+        post="b t h d -> b t (h d)",
+    ),
+    Case(
+        "4",
+        "patch embedding",
+        "b (h ph) (w pw) c -> b (h w) d",
+        "ph pw c d",
+        "d",
+        dict(ph=16, pw=16, c=3, d=768),
+        (32, 224, 224, 3),
+        "bhpwqc,pqcd->bhwd",
+        {"transpose x": hand_patches(16, 16)},
+        pre="b (h ph) (w pw) c -> b h ph w pw c",
+        post="b h w d -> b (h w) d",
+    ),
+    Case(
+        "5",
+        "ellipsis",
+        "... c -> ... d",
+        "c d",
+        "d",
+        dict(c=256, d=256),
+        (8, 16, 128, 256),
+        "...c,cd->...d",
+        {"2-d": hand_linear},
+    ),
+    Case(
+        "3bf16",
+        "multi-head, bf16 compute",
+        "b t (h c) -> b t (h d)",
+        "h c d",
+        "h d",
+        dict(h=16, c=64, d=64),
+        (16, 256, 1024),
+        "bthc,hcd->bthd",
+        {"x first": hand_heads(16), "in place": hand_heads_direct(16)},
+        pre="b t (h c) -> b t h c",
+        post="b t h d -> b t (h d)",
+        dtype=BF16,
+    ),
+    Case(
+        "cf",
+        "channels-first",
+        "b c h w -> b d h w",
+        "c d",
+        "d",
+        dict(c=256, d=256),
+        (16, 256, 32, 32),
+        "bchw,cd->bdhw",
+        {"broadcast": hand_mix_broadcast, "loop": hand_mix_loop},
+    ),
+    Case(
+        "qkv",
+        "q/k/v projection",
+        "b t c -> qkv b h t d",
+        "c qkv h d",
+        "qkv h d",
+        dict(c=512, qkv=3, h=8, d=64),
+        (16, 256, 512),
+        "btc,cqhd->qbhtd",
+        {"2-d": hand_qkv},
+    ),
+    Case(
+        "heads-out",
+        "merge heads (input-only axis h)",
+        "b h t e -> b t c",
+        "h e c",
+        "c",
+        dict(h=8, e=64, c=512),
+        (16, 8, 256, 64),
+        "bhte,hec->btc",
+        {"transpose x": hand_merge_heads},
+    ),
+    Case(
+        "pool",
+        "summed axis",
+        "b t c -> b d",
+        "c d",
+        "d",
+        dict(c=512, d=1024),
+        (64, 196, 512),
+        "btc,cd->bd",
+        {"sum, 2-d": hand_pool_linear},
+    ),
+]
 
-TINY = Case("tiny", "smoke test", "b t (h c) -> b t (h d)", "h c d", "h d",
-            dict(h=2, c=3, d=4), (2, 5, 6), "bthc,hcd->bthd", {"x first": hand_heads(2)},
-            pre="b t (h c) -> b t h c", post="b t h d -> b t (h d)")  # fmt: skip
+TINY = Case(
+    "tiny",
+    "smoke test",
+    "b t (h c) -> b t (h d)",
+    "h c d",
+    "h d",
+    dict(h=2, c=3, d=4),
+    (2, 5, 6),
+    "bthc,hcd->bthd",
+    {"x first": hand_heads(2)},
+    pre="b t (h c) -> b t h c",
+    post="b t h d -> b t (h d)",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,10 +622,11 @@ def targets(results: list[dict]) -> list[str]:
             return f"{v:.2f}" + ("" if round(v, 2) <= limit else " ✗")
 
         mem = [
-            ours["mem_" + m] / max(rows[best[m]]["mem_" + m], 1) if rows[best[m]]["mem_" + m] else
-            (1.0 if ours["mem_" + m] == 0 else float("inf"))
+            ours["mem_" + m] / max(rows[best[m]]["mem_" + m], 1)
+            if rows[best[m]]["mem_" + m]
+            else (1.0 if ours["mem_" + m] == 0 else float("inf"))
             for m in ("fwd", "fb")
-        ]  # fmt: skip
+        ]
         lines.append(
             f"| {res['case'].key} | {flag(ours['fwd_ratio'], 1.05)} | {flag(ours['fb_ratio'], 1.05)}"
             f" | {flag(linen['fwd_ratio'], 1.05) if linen else '-'}"

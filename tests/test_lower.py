@@ -29,8 +29,14 @@ TWO_D = (((1,), (0,)), ((), ()))
 BATCHED = (((2,), (1,)), ((0,), (0,)))
 
 
-def lowering(pattern: str, weight_shape: str, x_shape: tuple[int, ...], loops: bool = True,
-             bias_shape: str | None = None, **axes: int) -> Lowering:  # fmt: skip
+def lowering(
+    pattern: str,
+    weight_shape: str,
+    x_shape: tuple[int, ...],
+    loops: bool = True,
+    bias_shape: str | None = None,
+    **axes: int,
+) -> Lowering:
     layer = em.layer(pattern, weight_shape=weight_shape, bias_shape=bias_shape, **axes)
     return lower(layer.plan, x_shape, loops)
 
@@ -112,8 +118,9 @@ def test_multi_head_moves_rows_of_c_and_puts_x_first():
 
 
 def test_patch_embedding_keeps_contracted_axes_in_memory_order():
-    low = lowering("b (h ph) (w pw) c -> b (h w) d", "ph pw c d", (32, 224, 224, 3),
-                   ph=16, pw=16, c=3, d=768)  # fmt: skip
+    low = lowering(
+        "b (h ph) (w pw) c -> b (h w) d", "ph pw c d", (32, 224, 224, 3), ph=16, pw=16, c=3, d=768
+    )
     assert low.strategy == "x first"
     assert low.x_perm == (0, 1, 3, 2, 4, 5)  # (b h ph w pw c) -> (b h w ph pw c)
     assert (low.w_perm, low.y_perm) == (None, None)  # weight (ph pw c, d) used as stored
@@ -217,8 +224,9 @@ IN_PLACE = [
 def test_compiled_apply_copies_neither_x_nor_the_output(
     pattern, weight_shape, bias_shape, axes, x_shape
 ):
-    params, layer = em.init(pattern, jax.random.key(0), weight_shape=weight_shape,
-                            bias_shape=bias_shape, **axes)  # fmt: skip
+    params, layer = em.init(
+        pattern, jax.random.key(0), weight_shape=weight_shape, bias_shape=bias_shape, **axes
+    )
     low = lower(layer.plan, x_shape)
     assert (low.x_perm, low.y_perm) == (None, None), low
     x = jnp.ones(x_shape)
@@ -239,8 +247,15 @@ def test_compiled_apply_copies_neither_x_nor_the_output(
 
 
 def test_multi_head_hlo_moves_x_and_the_output_once_each():
-    params, layer = em.init("b t (h c) -> b t (h d)", jax.random.key(0), weight_shape="h c d",
-                            bias_shape="h d", h=4, c=8, d=12)  # fmt: skip
+    params, layer = em.init(
+        "b t (h c) -> b t (h d)",
+        jax.random.key(0),
+        weight_shape="h c d",
+        bias_shape="h d",
+        h=4,
+        c=8,
+        d=12,
+    )
     x = jnp.ones((2, 16, 32))
     hlo = jax.jit(layer).lower(params, x).compile().as_text()
     computations = hlo.split("\n\n")  # a kernel that moves data: a computation with a copy
@@ -260,8 +275,9 @@ def test_output_gradient_is_transposed_once_for_the_dots_and_the_bias(
 ):
     # the bias is added on the dot result's layout and transposes run at their lowest rank, so
     # one transposed copy of the output gradient feeds the bias gradient and both backward dots
-    params, layer = em.init(pattern, jax.random.key(0), weight_shape=weight_shape,
-                            bias_shape=bias_shape, **axes)  # fmt: skip
+    params, layer = em.init(
+        pattern, jax.random.key(0), weight_shape=weight_shape, bias_shape=bias_shape, **axes
+    )
     x = jnp.ones(x_shape)
     ct = jnp.ones(jax.eval_shape(layer, params, x).shape)
     grad = jax.grad(lambda p, x, ct: jnp.vdot(layer(p, x), ct), (0, 1))
@@ -271,13 +287,26 @@ def test_output_gradient_is_transposed_once_for_the_dots_and_the_bias(
 
 @pytest.mark.parametrize(
     ("dtype", "param_dtype", "preferred"),
-    [(None, jnp.float32, None), (jnp.bfloat16, jnp.bfloat16, None),
-     (None, jnp.bfloat16, jnp.float32), (None, jnp.float32, jnp.float32)],
-)  # fmt: skip
+    [
+        (None, jnp.float32, None),
+        (jnp.bfloat16, jnp.bfloat16, None),
+        (None, jnp.bfloat16, jnp.float32),
+        (None, jnp.float32, jnp.float32),
+    ],
+)
 def test_dtype_options_add_no_convert_of_x_or_the_output(dtype, param_dtype, preferred):
-    params, layer = em.init("b t (h c) -> b t (h d)", jax.random.key(0), weight_shape="h c d",
-                            bias_shape="h d", h=2, c=3, d=4, dtype=dtype,
-                            param_dtype=param_dtype, preferred_element_type=preferred)  # fmt: skip
+    params, layer = em.init(
+        "b t (h c) -> b t (h d)",
+        jax.random.key(0),
+        weight_shape="h c d",
+        bias_shape="h d",
+        h=2,
+        c=3,
+        d=4,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        preferred_element_type=preferred,
+    )
     x = jnp.ones((5, 7, 6), param_dtype)
     jaxpr = jax.make_jaxpr(layer)(params, x)
     converts = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "convert_element_type"]
@@ -330,8 +359,14 @@ def einsum_case(pattern, weight_shape, sizes, rng):
     def compose(a, names, side):
         return einops.rearrange(a, f"{' '.join(names)} -> {side}")
 
-    return compose(xf, xa, left), w, compose(ctf, ya, right), compose(y, ya, right), gw, \
-        compose(gx, xa, left)  # fmt: skip
+    return (
+        compose(xf, xa, left),
+        w,
+        compose(ctf, ya, right),
+        compose(y, ya, right),
+        gw,
+        compose(gx, xa, left),
+    )
 
 
 # (pattern, weight_shape, every axis length, loops, strategy expected)
@@ -363,8 +398,9 @@ VALUES = [
 def test_values_and_gradients_match_np_einsum(pattern, weight_shape, sizes, loops, strategy):
     axes = {a: sizes[a] for a in weight_shape.split()}
     layer = em.layer(pattern, weight_shape=weight_shape, **axes)
-    x, w, ct, y_ref, gw_ref, gx_ref = einsum_case(pattern, weight_shape, sizes,
-                                                  np.random.default_rng(0))  # fmt: skip
+    x, w, ct, y_ref, gw_ref, gx_ref = einsum_case(
+        pattern, weight_shape, sizes, np.random.default_rng(0)
+    )
     low = lower(layer.plan, x.shape, loops)
     assert low.strategy == strategy
 
@@ -391,9 +427,21 @@ def test_values_and_gradients_match_np_einsum(pattern, weight_shape, sizes, loop
 
 def test_benchmark_smoke():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--cases", "tiny", "--rounds",
-         "2", "--compile-rounds", "1", "--no-write"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench.py"),
+            "--cases",
+            "tiny",
+            "--rounds",
+            "2",
+            "--compile-rounds",
+            "1",
+            "--no-write",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| einmix |" in result.stdout and "Worst einmix ratio" in result.stdout
