@@ -185,27 +185,11 @@ def execute(
 
     y = lax.map(contract, x) if low.loop else contract(x)
     if bias is not None:  # in the dot's order: fuses into the transpose, and its gradient too
-        y_view, bias_view = _bias_view(low.y_split_shape, low.bias_shape)
+        assert low.bias_view is not None
+        y_view, bias_view = low.bias_view
         y = y.reshape(y_view) + _transpose(bias.astype(y.dtype), low.bias_perm).reshape(bias_view)
     y = _transpose(y.reshape(low.y_split_shape), low.y_perm)
     return y.reshape(low.out_flat_shape)
-
-
-def _bias_view(shape: tuple[int, ...], bias_shape: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``shape`` and ``bias_shape`` with runs of bias / broadcast dimensions merged.
-
-    The bias is added on this coarsest view (usually the dot result's own shape), so that XLA
-    reuses one layout of the output gradient for the bias gradient and the backward dots.
-    """
-    view: list[list[int]] = []  # [y length, bias length] per merged dimension
-    for n, m in zip(shape, bias_shape, strict=True):
-        if n == 1:
-            continue
-        if view and (view[-1][1] == 1) == (m == 1):
-            view[-1] = [view[-1][0] * n, view[-1][1] * m]
-        else:
-            view.append([n, m])
-    return tuple(v[0] for v in view), tuple(v[1] for v in view)
 
 
 def _apply_maybe_sharded(params: Params, x: ArrayLike, *, layer: EinMix) -> jax.Array:

@@ -95,6 +95,8 @@ class Lowering:
     #: the bias is added to the split dot result (``y_split_shape``), before ``y_perm``: to its
     #: axes in that order, reshaped with unit lengths for the others
     bias_shape: tuple[int, ...] | None
+    #: the dot result and the bias on the coarsest common view, where the bias is added
+    bias_view: tuple[tuple[int, ...], tuple[int, ...]] | None
     out_shape: tuple[int, ...]
     strategy: str  #: 'x first', 'w first', 'broadcast batch' or 'loop'
     #: x_dot_shape's first dimension is iterated over (``lax.map``); ``dimension_numbers`` and
@@ -286,6 +288,7 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
         bias_perm = _perm(bias_axes, [a for a in y_order if a in in_bias], sizes)
         bias_shape = tuple(sizes[a] if a in in_bias else 1 for a in y_order)
     out_shape = tuple(math.prod(sizes[a] for a in g) for g in out_groups)
+    y_split_shape = tuple(sizes[a] for a in y_order)
     return Lowering(
         x_flat_shape=tuple(sizes[a] for a in x_axes),
         sum_axes=tuple(x_axes.index(a) for a in summed),
@@ -296,13 +299,33 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
         w_broadcast=w_broadcast,
         x_first=x_first,
         dimension_numbers=dims,
-        y_split_shape=tuple(sizes[a] for a in y_order),
+        y_split_shape=y_split_shape,
         y_perm=y_perm,
         out_flat_shape=tuple(sizes[a] for a in out_axes),
         bias_perm=bias_perm,
         bias_shape=bias_shape,
+        bias_view=None if bias_shape is None else _bias_view(y_split_shape, bias_shape),
         out_shape=out_shape,
         strategy=strategy,
         loop=bool(best.loop),
         flat_axes=(tuple(x_axes), tuple(w_axes), tuple(out_axes)),
     )
+
+
+def _bias_view(
+    shape: tuple[int, ...], bias_shape: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``shape`` and ``bias_shape`` with runs of bias / broadcast dimensions merged.
+
+    The bias is added on this coarsest view (usually the dot result's own shape), so that XLA
+    reuses one layout of the output gradient for the bias gradient and the backward dots.
+    """
+    view: list[list[int]] = []  # [y length, bias length] per merged dimension
+    for n, m in zip(shape, bias_shape, strict=True):
+        if n == 1:
+            continue
+        if view and (view[-1][1] == 1) == (m == 1):
+            view[-1] = [view[-1][0] * n, view[-1][1] * m]
+        else:
+            view.append([n, m])
+    return tuple(v[0] for v in view), tuple(v[1] for v in view)
