@@ -14,7 +14,7 @@ from typing import Any
 
 from ._core import EinMix, layer
 from ._errors import EinMixError, describe_call
-from ._lower import Lowering, _expand, lower
+from ._lower import Lowering, expand_groups, lower
 from ._parse import ELLIPSIS, normalize_axes, param_sizes_from_input
 
 Shape = tuple[int, ...]
@@ -338,7 +338,7 @@ def _describe(mix: EinMix, x_shape: Shape) -> Description:
         after.append(step("y", "reshape", low.out_flat_shape, out_axes, low.out_flat_shape))
     if low.out_shape != low.out_flat_shape:
         n_ellipsis = len(x_shape) - sum(1 for g in mix.plan.left if g != ELLIPSIS)
-        groups = tuple(_label(list(g)) for g in _expand(mix.plan.right, n_ellipsis))
+        groups = tuple(_label(list(g)) for g in expand_groups(mix.plan.right, n_ellipsis))
         after.append(Step("y", "reshape", low.out_shape, low.out_shape, groups))
 
     sum_adds = 0

@@ -138,16 +138,22 @@ def _loops_pay_off() -> bool:
 def resolve_sizes(plan: Plan, x_shape: tuple[int, ...]) -> tuple[dict[str, int], int]:
     """Read every axis length off the plan and the input shape; return them and the ellipsis rank.
 
+    The axes ``...`` stands for are named ``'...0'``, ``'...1'``, ... (see :func:`expand_groups`).
+
     Example:
         >>> from ._parse import parse
         >>> plan = parse('(b t) c -> b t d', 'c d', None, (('t', 3), ('c', 4), ('d', 2)))
         >>> resolve_sizes(plan, (6, 4))
         ({'t': 3, 'c': 4, 'd': 2, 'b': 2}, 0)
     """
-    return read_sizes(plan.left, plan.sizes, x_shape, plan.context())
+    sizes, n_ellipsis = read_sizes(plan.left, plan.sizes, x_shape, plan.context())
+    if n_ellipsis:
+        start = plan.left.index(ELLIPSIS)
+        sizes.update((f"...{i}", x_shape[start + i]) for i in range(n_ellipsis))
+    return sizes, n_ellipsis
 
 
-def _expand(groups: tuple, n_ellipsis: int) -> list[tuple[str, ...]]:
+def expand_groups(groups: tuple, n_ellipsis: int) -> list[tuple[str, ...]]:
     """Groups with '...' replaced by its axes; a bare '...' becomes one group per axis."""
     names = tuple(f"...{i}" for i in range(n_ellipsis))
     out: list[tuple[str, ...]] = []
@@ -183,12 +189,10 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
         ((1, 256, 196), (64, 256, 196))
     """
     sizes, n_ellipsis = resolve_sizes(plan, x_shape)
-    x_axes = [a for g in _expand(plan.left, n_ellipsis) for a in g]
-    out_groups = _expand(plan.right, n_ellipsis)
+    x_axes = [a for g in expand_groups(plan.left, n_ellipsis) for a in g]
+    out_groups = expand_groups(plan.right, n_ellipsis)
     out_axes = [a for g in out_groups for a in g]
     w_axes = list(plan.weight_axes)
-    for i in range(n_ellipsis):
-        sizes[f"...{i}"] = x_shape[plan.left.index(ELLIPSIS) + i]
 
     in_w, in_out = set(w_axes), set(out_axes)
     summed = [a for a in x_axes if a not in in_w and a not in in_out]

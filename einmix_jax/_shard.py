@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from ._errors import EinMixError
-from ._lower import _expand, resolve_sizes
+from ._lower import expand_groups, resolve_sizes
 from ._parse import ELLIPSIS, Plan
 
 #: Mesh axes of one array dimension: a mesh axis name, a tuple of them, or None (replicated).
@@ -418,9 +418,7 @@ def output_spec(
     """
     ctx = plan.context()
     sizes, n_ellipsis = resolve_sizes(plan, x_shape)
-    for i in range(n_ellipsis):
-        sizes[f"...{i}"] = x_shape[plan.left.index(ELLIPSIS) + i]
-    groups = _expand(plan.right, n_ellipsis)
+    groups = expand_groups(plan.right, n_ellipsis)
     mesh_shape = _mesh_shape(mesh)
     lead: dict[tuple[str, ...], str | None] = {}
     for group in groups:
@@ -506,7 +504,7 @@ def _derived(plan: Plan, x: jax.Array, weight: Any) -> dict[str, MeshAxes]:
     _, n_ellipsis = resolve_sizes(plan, tuple(x.shape))
     names: dict[str, MeshAxes] = {}
     x_spec = list(jax.typeof(x).sharding.spec)
-    for group, entry in zip(_expand(plan.left, n_ellipsis), x_spec, strict=False):
+    for group, entry in zip(expand_groups(plan.left, n_ellipsis), x_spec, strict=False):
         if group and entry is not None:
             names.setdefault(group[0], entry)
     if isinstance(weight, jax.Array) or hasattr(weight, "aval"):
