@@ -166,9 +166,9 @@ class EinMix(nnx.Module):
             True
         """
         weight, bias = _core._check_params(self.functional, params)
-        _assign(self.weight, weight)
+        self.weight.set_value(jnp.asarray(weight))
         if self.bias is not None and bias is not None:
-            _assign(self.bias, bias)
+            self.bias.set_value(jnp.asarray(bias))
 
     def __call__(self, x: ArrayLike) -> jax.Array:
         """Apply the layer: the core's ``apply`` with this module's params."""
@@ -186,11 +186,3 @@ def _param(
     if names is None:
         return nnx.Param(init(key))
     return nnx.Param(nnx.with_partitioning(init, names[name])(key))
-
-
-def _assign(variable: nnx.Param, value: ArrayLike) -> None:
-    """Replace a Param's value (``set_value`` from Flax 0.12; ``.value`` before, deprecated since)."""
-    if hasattr(variable, "set_value"):
-        variable.set_value(jnp.asarray(value))
-    else:  # pragma: no cover (Flax < 0.12)
-        variable.value = jnp.asarray(value)

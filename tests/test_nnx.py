@@ -4,7 +4,6 @@ transforms, training with nnx.Optimizer, and params shared with the linen layer.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 
 import einops
@@ -255,13 +254,11 @@ def test_optimizer_training_loss_falls():
         "b (h c) -> b (h d)", weight_shape="h c d", bias_shape="h d", rngs=nnx.Rngs(0), **sizes
     )
     optimizer = nnx.Optimizer(model, optax.adam(5e-2), wrt=nnx.Param)
-    # Flax 0.11 made the model an argument of update(); Flax 0.10 kept it in the optimizer.
-    takes_model = "model" in inspect.signature(nnx.Optimizer.update).parameters
 
     @nnx.jit
     def step(model, optimizer):
         loss, grads = nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(x) - target)))(model)
-        optimizer.update(*((model, grads) if takes_model else (grads,)))
+        optimizer.update(model, grads)
         return loss
 
     with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int and float scalars
