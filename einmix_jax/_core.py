@@ -8,6 +8,7 @@ layer with the same configuration shares one compiled function per input shape a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +53,8 @@ class EinMix:
     dtype: np.dtype | None = None
     precision: Any = None
     preferred_element_type: np.dtype | None = None
-    dot_general: DotGeneral = lax.dot_general
+    #: the contraction; None: ``jax.lax.dot_general``, looked up at each call
+    dot_general: DotGeneral | None = None
     #: output sharding constraint, set by ``einmix_jax.with_out_sharding``; None: unconstrained
     out_sharding: OutSharding | None = None
     weight_init: Initializer | None = dataclasses.field(default=None, compare=False)
@@ -126,7 +128,17 @@ def _transpose(a: jax.Array, perm: tuple[int, ...] | None) -> jax.Array:
     return moved.reshape([a.shape[p] for p in perm])
 
 
-def _check_params(layer: EinMix, params: Any) -> tuple[jax.Array, jax.Array | None]:
+def _shape(value: Any) -> tuple[int, ...]:
+    """An array's shape; also a quantized container's (anything with a ``shape``)."""
+    shape = getattr(value, "shape", None)
+    return tuple(np.shape(value) if shape is None else shape)
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray))
+
+
+def _check_params(layer: EinMix, params: Any) -> tuple[Any, jax.Array | None]:
     ctx = layer.plan.context()
     if not isinstance(params, dict) or "weight" not in params:
         raise EinMixError(f"params must be a dict with a 'weight' entry ({ctx})")
@@ -136,7 +148,7 @@ def _check_params(layer: EinMix, params: Any) -> tuple[jax.Array, jax.Array | No
             f"params has entries {sorted(params)}, expected {sorted(expected)} ({ctx})"
         )
     for name, shape in layer.param_shapes.items():
-        got = tuple(jnp.shape(params[name]))
+        got = _shape(params[name])
         if got != shape:
             axes = layer.plan.weight_shape if name == "weight" else layer.plan.bias_shape
             raise EinMixError(
@@ -145,17 +157,23 @@ def _check_params(layer: EinMix, params: Any) -> tuple[jax.Array, jax.Array | No
     return params["weight"], params.get("bias")
 
 
-def _apply(params: Params, x: ArrayLike, *, layer: EinMix) -> jax.Array:
+def _apply(
+    params: Params, x: ArrayLike, *, layer: EinMix, stored_weight: bool = False
+) -> jax.Array:
     weight, bias = _check_params(layer, params)
     x = jnp.asarray(x)
-    low = lower(layer.plan, tuple(x.shape))
+    low = lower(layer.plan, tuple(x.shape), stored_weight=stored_weight)
     dtype = layer.dtype
     if dtype is None:  # the layer's own rule, also under jax_numpy_dtype_promotion='strict'
+        # a quantized weight container counts with the dtype it stands for
+        operands = [p if _is_array(p) else p.dtype for p in params.values()]
         with jax.numpy_dtype_promotion("standard"):
-            dtype = jnp.result_type(x, *params.values())
+            dtype = jnp.result_type(x, *operands)
             if not jnp.issubdtype(dtype, jnp.inexact):
                 dtype = jnp.result_type(dtype, jnp.float32)
-    x, weight = x.astype(dtype), weight.astype(dtype)
+    x = x.astype(dtype)
+    if _is_array(weight) and weight.dtype != dtype:  # a container is the tool's to convert
+        weight = weight.astype(dtype)
     y = execute(low, x, weight, layer, bias)
     return y.reshape(low.out_shape)
 
@@ -171,11 +189,14 @@ def execute(
     w = _transpose(weight, low.w_perm)
     if low.w_broadcast is not None:
         w = jnp.broadcast_to(w.reshape(low.w_broadcast[0]), low.w_broadcast[1])
-    w = w.reshape(low.w_dot_shape)
+    if tuple(w.shape) != low.w_dot_shape:  # else the weight goes in as it is (see _lower)
+        w = w.reshape(low.w_dot_shape)
+    # looked up at call time, so a tool that patches jax.lax.dot_general sees the contraction
+    dot_general = layer.dot_general or jax.lax.dot_general
 
     def contract(x: jax.Array) -> jax.Array:
         lhs, rhs = (x, w) if low.x_first else (w, x)
-        return layer.dot_general(
+        return dot_general(
             lhs,
             rhs,
             low.dimension_numbers,
@@ -192,14 +213,34 @@ def execute(
     return y.reshape(low.out_flat_shape)
 
 
-def _apply_maybe_sharded(params: Params, x: ArrayLike, *, layer: EinMix) -> jax.Array:
+def _apply_maybe_sharded(
+    params: Params, x: ArrayLike, *, layer: EinMix, stored_weight: bool = False
+) -> jax.Array:
     """``_apply``, under the mesh's sharding rules when the layer or the context mesh asks for it."""
+    compute = functools.partial(_apply, stored_weight=stored_weight)
     if layer.out_sharding is not None or explicit_mesh_active():
-        return apply_sharded(_apply, params, x, layer)
-    return _apply(params, x, layer=layer)
+        return apply_sharded(compute, params, x, layer)
+    return compute(params, x, layer=layer)
 
 
 _apply_jit = jax.jit(_apply_maybe_sharded, static_argnames=("layer",))
+
+
+def apply_traced(layer: EinMix, params: Params, x: ArrayLike) -> jax.Array:
+    """Apply ``layer`` as the Flax layers do: no jit of its own, the weight as stored.
+
+    Runs inside the caller's trace, like ``nn.Dense``: the stored weight is the second operand
+    of ``jax.lax.dot_general`` (looked up at call time), untouched, so tools that intercept the
+    contraction while a module is traced (qwix's quantization and LoRA) see it and may hand in a
+    quantized container instead of an array.
+
+    Example:
+        >>> layer = einmix_jax.layer('b (h c) -> b (h d)', weight_shape='h c d', h=2, c=3, d=4)
+        >>> params = layer.init(jax.random.key(0))
+        >>> apply_traced(layer, params, jnp.ones((5, 6))).shape
+        (5, 8)
+    """
+    return _apply_maybe_sharded(params, x, layer=layer, stored_weight=True)
 
 
 def layer(
@@ -214,7 +255,7 @@ def layer(
     preferred_element_type: DTypeLike | None = None,
     weight_init: Initializer | None = None,
     bias_init: Initializer | None = None,
-    dot_general: DotGeneral = lax.dot_general,
+    dot_general: DotGeneral | None = None,
     **axes: int,
 ) -> EinMix:
     """Describe an EinMix layer without drawing params (see :func:`init` for the arguments).
@@ -252,7 +293,7 @@ def init(
     preferred_element_type: DTypeLike | None = None,
     weight_init: Initializer | None = None,
     bias_init: Initializer | None = None,
-    dot_general: DotGeneral = lax.dot_general,
+    dot_general: DotGeneral | None = None,
     **axes: int,
 ) -> tuple[Params, EinMix]:
     """Create an EinMix layer: a params dict and the pure, jitted ``apply(params, x)``.
@@ -270,7 +311,8 @@ def init(
         preferred_element_type: accumulation/output dtype passed to ``lax.dot_general``.
         weight_init, bias_init: ``(key, shape, dtype) -> Array``; default: symmetric uniform
             with variance ``1/fan_in`` for the weight and bound ``sqrt(1/fan_in)`` for the bias.
-        dot_general: the contraction, ``lax.dot_general`` by default (a hook for quantisation).
+        dot_general: the contraction (a hook for quantisation); ``None``: ``jax.lax.dot_general``,
+            looked up at each call, so tools that patch it (qwix) see the contraction.
         **axes: axis lengths; every weight and bias axis needs one.
 
     Example:

@@ -53,6 +53,16 @@ rows are contiguous and the GEMM's long side is ``b t``); token mixing ``'b t c 
 patch embedding transposes x once to ``(b h w, ph pw c)``, keeping the contracted axes in memory
 order so the weight is used as stored.
 
+The Flax layers' form. Under the Flax layers (``lower(..., stored_weight=True)``) there is one
+candidate, with no cost to compare: the weight is the right operand of ``jax.lax.dot_general``
+exactly as stored, with N-d dimension numbers, and only x and the result move (see
+:func:`_stored_weight_order`). Tools that intercept the contraction while a module is traced
+(qwix's quantization and LoRA) need that; the functional ``apply``, which no such tool sees, keeps
+every candidate. The stored-weight form matches the costed choice wherever that choice leaves the
+weight alone (linear, multi-head, patch embedding, q/k/v, merge heads, summed axes); where the
+costed choice loops or puts the weight first (token mixing, channels-first) it moves x and the
+output once more, as einops' own layer does.
+
 Loops are only considered when ``lower(..., loops=True)``; by default that is on a single
 XLA:CPU device, where a loop of 2-d GEMMs can beat a batched GEMM with a broadcast weight (whose
 backward pass sums the per-slice weight gradients in one slow fused kernel). On accelerators and
@@ -71,7 +81,9 @@ import jax
 from ._parse import ELLIPSIS, Plan, read_sizes
 
 Perm = tuple[int, ...] | None  # None: no transpose
-DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
+DimensionNumbers = tuple[
+    tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +110,7 @@ class Lowering:
     #: the dot result and the bias on the coarsest common view, where the bias is added
     bias_view: tuple[tuple[int, ...], tuple[int, ...]] | None
     out_shape: tuple[int, ...]
-    strategy: str  #: 'x first', 'w first', 'broadcast batch' or 'loop'
+    strategy: str  #: 'x first', 'w first', 'broadcast batch', 'loop' or 'weight as stored'
     #: x_dot_shape's first dimension is iterated over (``lax.map``); ``dimension_numbers`` and
     #: ``w_dot_shape`` are those of one iteration, whose results are stacked in front
     loop: bool
@@ -173,11 +185,15 @@ def _perm(src: list[str], dst: list[str], sizes: dict[str, int]) -> Perm:
 
 
 @functools.lru_cache(maxsize=4096)
-def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lowering:
+def lower(
+    plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None, stored_weight: bool = False
+) -> Lowering:
     """Decide the lowering of ``plan`` for an input of ``x_shape`` (cached).
 
     ``loops`` allows the loop candidates (see the module docstring); ``None`` allows them on a
-    single XLA:CPU device.
+    single XLA:CPU device. ``stored_weight`` asks for the one lowering in which the weight is the
+    dot's right operand exactly as stored (see :func:`_stored_weight_order`), as the Flax layers
+    need it.
 
     Example:
         >>> from ._parse import parse
@@ -256,7 +272,8 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
             + (loop_copies + LOOP_STEP_COST * size(c.loop) if c.loop else 0)
         )
 
-    best = min(candidates, key=cost)
+    best = _stored_weight_order(w_axes, x_free, contracted, batch) if stored_weight else None
+    best = best or min(candidates, key=cost)
     x_order, w_order, y_order, x_first = best.x_order, best.w_order, best.y_order, best.x_first
     x_blocks, w_blocks = best.x_blocks, best.w_blocks
     if best.loop:
@@ -266,9 +283,13 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
     else:
         strategy = "x first" if x_first else "w first"
     rhs_k = 2 if best.rhs_t else 1
-    if not best.dot_batch:  # plain 2-d GEMM
+    dims: DimensionNumbers
+    if stored_weight:
+        strategy = "weight as stored"
+        dims = _stored_weight_dims(best, w_axes)
+    elif not best.dot_batch:  # plain 2-d GEMM
         x_blocks, w_blocks = x_blocks[1:], w_blocks[1:]
-        dims: DimensionNumbers = (((1,), (rhs_k - 1,)), ((), ()))
+        dims = (((1,), (rhs_k - 1,)), ((), ()))
     else:
         dims = (((2,), (rhs_k,)), ((0,), (0,)))
     if best.loop:
@@ -313,6 +334,50 @@ def lower(plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None) -> Lo
         strategy=strategy,
         loop=bool(best.loop),
         flat_axes=(tuple(x_axes), tuple(w_axes), tuple(out_axes)),
+    )
+
+
+def _stored_weight_order(
+    w_axes: list[str], x_free: list[str], contracted: list[str], batch: list[str]
+) -> _Candidate:
+    """The lowering with the weight as the dot's right operand, untouched (the Flax layers' form).
+
+    Tools that intercept ``jax.lax.dot_general`` while a Flax module is traced (qwix's
+    quantization and LoRA) recognise a weight only when the stored param itself is the second
+    operand; they also hand over quantized containers that cannot be transposed or reshaped. So
+    the dot takes the weight's dimensions where they are, as N-d dimension numbers, and x is
+    brought to ``(batch..., x-only..., contracted...)``, the batch and contracted axes in the
+    weight's order, one dimension per axis (as ``nn.Dense`` passes its input: XLA merges them, and
+    a merged x would look like a weight to qwix's shape heuristic more often). The dot gives
+    ``(batch..., x-only..., w-only...)``, transposed to the output order afterwards.
+    """
+    in_x = set(batch) | set(contracted)
+    b_w = [a for a in w_axes if a in batch]
+    k_w = [a for a in w_axes if a in contracted]
+    g_w = [a for a in w_axes if a not in in_x]
+    return _Candidate(
+        loop=[],
+        dot_batch=b_w,
+        bcast=[],
+        x_first=True,
+        rhs_t=False,
+        x_order=b_w + x_free + k_w,
+        w_order=list(w_axes),
+        y_order=b_w + x_free + g_w,
+        x_blocks=[[a] for a in b_w + x_free + k_w],
+        w_blocks=[[a] for a in w_axes],
+    )
+
+
+def _stored_weight_dims(c: _Candidate, w_axes: list[str]) -> DimensionNumbers:
+    """Dimension numbers of :func:`_stored_weight_order`'s dot: x's axes against w's."""
+    x_axes = [block[0] for block in c.x_blocks]
+    contracted = [(i, w_axes.index(a)) for i, a in enumerate(x_axes) if a in w_axes]
+    contracted = [(i, j) for i, j in contracted if x_axes[i] not in c.dot_batch]
+    batch = [(x_axes.index(a), w_axes.index(a)) for a in c.dot_batch]
+    return (
+        (tuple(i for i, _ in contracted), tuple(j for _, j in contracted)),
+        (tuple(i for i, _ in batch), tuple(j for _, j in batch)),
     )
 
 

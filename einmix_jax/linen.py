@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
-from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _core
@@ -44,7 +43,8 @@ class EinMix(nn.Module):
         precision: passed to the contraction.
         weight_init, bias_init: ``(key, shape, dtype) -> Array``; ``None``: the core's default
             (symmetric uniform, variance ``1/fan_in`` for the weight).
-        dot_general: the contraction, ``lax.dot_general`` by default (a hook for quantisation).
+        dot_general: the contraction (a hook for quantisation); ``None``: ``jax.lax.dot_general``,
+            looked up at each call.
         preferred_element_type: accumulation dtype passed to ``dot_general``.
         logical_axes: partitioning metadata, off by default (``None``: the params are plain
             arrays). ``True`` (or ``{}``) boxes each param as ``nn.LogicallyPartitioned`` whose
@@ -80,7 +80,7 @@ class EinMix(nn.Module):
     precision: Any = None
     weight_init: Initializer | None = None
     bias_init: Initializer | None = None
-    dot_general: _core.DotGeneral = lax.dot_general
+    dot_general: _core.DotGeneral | None = None
     preferred_element_type: DTypeLike | None = None
     logical_axes: Mapping[str, str] | bool | None = None
 
@@ -160,7 +160,7 @@ class EinMix(nn.Module):
             names = param_axes(layer, logical_axes=logical)
             inits = {k: nn.with_logical_partitioning(f, names[k]) for k, f in inits.items()}
         params = {name: self.param(name, init) for name, init in inits.items()}
-        return layer(params, x)
+        return _core.apply_traced(layer, params, x)
 
 
 def _logical_option(value: object, pattern: str) -> Mapping[str, str] | None:

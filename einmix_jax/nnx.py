@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _core
@@ -40,7 +39,8 @@ class EinMix(nnx.Module):
         preferred_element_type: accumulation dtype passed to ``dot_general``.
         weight_init, bias_init: ``(key, shape, dtype) -> Array``; ``None``: the core's default
             (symmetric uniform, variance ``1/fan_in`` for the weight).
-        dot_general: the contraction, ``lax.dot_general`` by default (a hook for quantisation).
+        dot_general: the contraction (a hook for quantisation); ``None``: ``jax.lax.dot_general``,
+            looked up at each call.
         logical_axes: sharding metadata, off by default (``None``: plain Params).
             ``True`` (or ``{}``) gives each Param its axis names in the pattern as sharding names
             (``nnx.with_partitioning``); a mapping such as ``{'c': 'embed'}`` renames some of
@@ -89,7 +89,7 @@ class EinMix(nnx.Module):
         preferred_element_type: DTypeLike | None = None,
         weight_init: Initializer | None = None,
         bias_init: Initializer | None = None,
-        dot_general: _core.DotGeneral = lax.dot_general,
+        dot_general: _core.DotGeneral | None = None,
         logical_axes: Mapping[str, str] | bool | None = None,
         rngs: nnx.Rngs,
         **axes: int,
@@ -172,7 +172,7 @@ class EinMix(nnx.Module):
 
     def __call__(self, x: ArrayLike) -> jax.Array:
         """Apply the layer: the core's ``apply`` with this module's params."""
-        return self.functional(self.get_params(), x)
+        return _core.apply_traced(self.functional, self.get_params(), x)
 
 
 def _param(
