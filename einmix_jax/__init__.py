@@ -7,8 +7,8 @@ Example:
     >>> apply(params, jnp.ones((2, 3, 8))).shape
     (2, 3, 16)
 
-The Flax layers live in ``einmix_jax.linen`` and ``einmix_jax.nnx``; Flax is imported only when
-one of them is first used.
+The Flax layers live in ``einmix_jax.linen`` and ``einmix_jax.nnx``, the Equinox layer in
+``einmix_jax.eqx``; Flax and Equinox are imported only when one of them is first used.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = [
     "with_out_sharding",
 ]
 
-_SUBMODULES = ("linen", "nnx")
+_SUBMODULES = ("eqx", "linen", "nnx")
 
 
 def __getattr__(name: str) -> Any:

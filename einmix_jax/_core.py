@@ -226,13 +226,16 @@ def _apply_maybe_sharded(
 _apply_jit = jax.jit(_apply_maybe_sharded, static_argnames=("layer",))
 
 
-def apply_traced(layer: EinMix, params: Params, x: ArrayLike) -> jax.Array:
-    """Apply ``layer`` as the Flax layers do: no jit of its own, the weight as stored.
+def apply_traced(
+    layer: EinMix, params: Params, x: ArrayLike, *, weight_as_stored: bool = True
+) -> jax.Array:
+    """Apply ``layer`` inside the caller's trace, as a module does: no jit of its own.
 
-    Runs inside the caller's trace, like ``nn.Dense``: the stored weight is the second operand
-    of ``jax.lax.dot_general`` (looked up at call time), untouched, so tools that intercept the
-    contraction while a module is traced (qwix's quantization and LoRA) see it and may hand in a
-    quantized container instead of an array.
+    With ``weight_as_stored`` (the Flax layers), the stored weight is the second operand of
+    ``jax.lax.dot_general`` (looked up at call time), untouched, like ``nn.Dense``'s kernel, so
+    tools that intercept the contraction while a module is traced (qwix's quantization and LoRA)
+    see it and may hand in a quantized container instead of an array. Without it (the Equinox
+    layer, which no such tool intercepts) the planner picks from every lowering.
 
     Example:
         >>> layer = einmix_jax.layer('b (h c) -> b (h d)', weight_shape='h c d', h=2, c=3, d=4)
@@ -240,7 +243,7 @@ def apply_traced(layer: EinMix, params: Params, x: ArrayLike) -> jax.Array:
         >>> apply_traced(layer, params, jnp.ones((5, 6))).shape
         (5, 8)
     """
-    return _apply_maybe_sharded(params, x, layer=layer, stored_weight=True)
+    return _apply_maybe_sharded(params, x, layer=layer, stored_weight=weight_as_stored)
 
 
 def layer(
