@@ -88,3 +88,25 @@ def test_attention_functional_check_catches_a_wrong_projection():
 def test_regression_fits():
     regression = load("regression")
     assert regression.main(steps=60) < 1e-2
+
+
+def test_quantize_and_lora_quantizes_every_einmix_weight_and_trains_only_lora(tmp_path, capsys):
+    pytest.importorskip("qwix")
+    example = load("quantize_and_lora")
+    flags = ["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]
+    flags += ["--epochs", "2", "--subset", "128", "--depth", "1", "--lora-epochs", "2"]
+    result = example.main([*flags, "--no-progress"])
+    stored = [
+        leaf
+        for leaf in jax.tree.leaves(result["int8_params"], is_leaf=lambda v: hasattr(v, "qvalue"))
+        if hasattr(leaf, "qvalue")
+    ]
+    assert len(stored) == 1 + 4 + 1  # patch embedding, one block's four layers, head
+    assert all(str(q.qvalue.dtype) == "int8" for q in stored)
+    assert result["int8_bytes"] < 0.5 * result["float_bytes"]
+    assert result["frozen_unchanged"]
+    assert 0 < result["trainable"] < result["total"]
+    for name in ("float_accuracy", "int8_accuracy", "lora_before", "lora_after"):
+        assert 0.0 <= result[name] <= 1.0
+    printed = capsys.readouterr().out
+    assert "int8 (PTQ):" in printed and "LoRA on inverted digits" in printed
