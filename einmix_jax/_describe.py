@@ -143,8 +143,9 @@ def describe(
 
     Args:
         layer_or_pattern: a functional layer (from :func:`einmix_jax.layer` or
-            :func:`einmix_jax.init`), a ``einmix_jax.linen.EinMix`` or ``einmix_jax.nnx.EinMix``
-            module, or a pattern string (then ``weight_shape``, ``bias_shape`` and ``axes`` as
+            :func:`einmix_jax.init`), a ``einmix_jax.linen.EinMix``, ``einmix_jax.nnx.EinMix`` or
+            ``einmix_jax.eqx.EinMix`` module (a Flax layer is described with the lowering it
+            runs: the weight as stored, see ``einmix_jax._lower``), or a pattern string (then ``weight_shape``, ``bias_shape`` and ``axes`` as
             for :func:`einmix_jax.layer`; weight and bias lengths the input fixes may be left out).
         x_shape: the input shape, or anything with a ``.shape`` (an array, a
             ``jax.ShapeDtypeStruct``).
@@ -178,6 +179,7 @@ def describe(
         sizes = param_sizes_from_input(layer_or_pattern, weight_shape, bias_shape, given, shape)
         completed: dict[str, Any] = dict(sizes)
         mix = layer(layer_or_pattern, weight_shape=weight_shape, bias_shape=bias_shape, **completed)
+        weight_as_stored = False
     else:
         if weight_shape is not None or bias_shape is not None or axes:
             raise EinMixError(
@@ -185,7 +187,9 @@ def describe(
                 f"{type(layer_or_pattern).__name__} already carries them"
             )
         mix = _functional(layer_or_pattern, shape)
-    return _describe(mix, shape)
+        # the Flax layers run the lowering that hands dot_general the weight as stored
+        weight_as_stored = bool(getattr(type(layer_or_pattern), "weight_as_stored", False))
+    return _describe(mix, shape, weight_as_stored)
 
 
 def _functional(obj: Any, x_shape: Shape) -> EinMix:
@@ -238,9 +242,9 @@ def _permuted(names: list[str], perm: tuple[int, ...] | None) -> list[str]:
     return names if perm is None else [names[p] for p in perm]
 
 
-def _describe(mix: EinMix, x_shape: Shape) -> Description:
+def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> Description:
     """Read the steps of ``_core.execute`` off the lowering, labelling dimensions by axis."""
-    low = lower(mix.plan, x_shape)
+    low = lower(mix.plan, x_shape, stored_weight=weight_as_stored)
     x_axes, w_axes, out_axes = (list(a) for a in low.flat_axes)
     sizes = dict(zip(x_axes, low.x_flat_shape, strict=True))
     sizes.update(zip(out_axes, low.out_flat_shape, strict=True))

@@ -10,7 +10,7 @@ the core. ``variables['params']`` is therefore exactly the functional params dic
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -70,6 +70,9 @@ class EinMix(nn.Module):
         >>> nn.logical_to_mesh(specs, [('heads', 'model')])['params']
         {'bias': P('model', None), 'weight': P('model', None, None)}
     """
+
+    #: The contraction gets the stored weight as it is (for qwix); describe() shows that lowering.
+    weight_as_stored: ClassVar[bool] = True
 
     pattern: str
     weight_shape: str | None = None

@@ -10,7 +10,7 @@ axis names as NNX sharding metadata (through ``nnx.with_partitioning``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,9 @@ class EinMix(nnx.Module):
         >>> nn.logical_to_mesh(specs, [('d', 'model')]).to_pure_dict()
         {'weight': P(None, 'model')}
     """
+
+    #: The contraction gets the stored weight as it is (for qwix); describe() shows that lowering.
+    weight_as_stored: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -142,6 +142,31 @@ def test_replayed_steps_compute_einmix(pattern, weight_shape, bias_shape, given,
 @pytest.mark.parametrize(
     ("pattern", "weight_shape", "bias_shape", "given", "x_shape", "sizes"), CASES, ids=IDS
 )
+def test_flax_layers_lowering_keeps_the_weight_as_stored_and_computes_einmix(
+    pattern, weight_shape, bias_shape, given, x_shape, sizes
+):
+    from flax import nnx
+
+    lengths = {a: sizes[a] for a in weight_shape.split() + (bias_shape or "").split()}
+    module = em.nnx.EinMix(
+        pattern, weight_shape=weight_shape, bias_shape=bias_shape, rngs=nnx.Rngs(0), **lengths
+    )
+    d = em.describe(module, x_shape)
+    assert d.strategy == "weight as stored"
+    assert not [s for s in d.before if s.operand == "weight"]  # the weight goes in untouched
+    assert d.contraction.operand == "x"  # ... as the second operand
+    assert d.contraction.arg[1] == module.weight.shape
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=x_shape)
+    w = rng.normal(size=[sizes[a] for a in weight_shape.split()])
+    b = None if bias_shape is None else rng.normal(size=[sizes[a] for a in bias_shape.split()])
+    expected = reference_einmix(pattern, weight_shape, bias_shape, x, w, b, sizes)
+    np.testing.assert_allclose(replay(d, x, w, b), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "weight_shape", "bias_shape", "given", "x_shape", "sizes"), CASES, ids=IDS
+)
 def test_counts_match_independent_formulas(
     pattern, weight_shape, bias_shape, given, x_shape, sizes
 ):
@@ -207,20 +232,20 @@ def test_every_form_of_the_layer_gives_the_same_description():
         em.describe(em.linen.EinMix(pattern, **kw, sizes=dict(h=2, d=3)), x.shape),
         em.describe(em.nnx.EinMix(pattern, **kw, rngs=nnx.Rngs(0), h=2, c=4, d=3), x.shape),
     ]
-    first = forms[0]
-    for d in forms[1:]:
-        assert d.layer.param_shapes == first.layer.param_shapes
-        assert (d.lowering, d.before, d.contraction, d.after) == (
-            first.lowering,
-            first.before,
-            first.contraction,
-            first.after,
-        )
-        assert (d.out_shape, d.param_count, d.flops) == (
-            first.out_shape,
-            first.param_count,
-            first.flops,
-        )
+    functional_forms, flax_forms = forms[:4], forms[4:]
+    for group in (functional_forms, flax_forms):
+        first = group[0]
+        for d in group[1:]:
+            assert d.layer.param_shapes == first.layer.param_shapes
+            assert (d.lowering, d.before, d.contraction, d.after) == (
+                first.lowering,
+                first.before,
+                first.contraction,
+                first.after,
+            )
+    # the Flax layers run (and describe) the lowering that leaves the weight as stored
+    assert functional_forms[0].strategy == "x first"
+    assert flax_forms[0].strategy == "weight as stored"
 
 
 @pytest.mark.parametrize(
@@ -272,7 +297,11 @@ def test_loop_lowering_is_described_and_replayed(
 ):
     from einmix_jax import _describe, _lower
 
-    monkeypatch.setattr(_describe, "lower", lambda plan, shape: _lower.lower(plan, shape, True))
+    monkeypatch.setattr(
+        _describe,
+        "lower",
+        lambda plan, shape, stored_weight=False: _lower.lower(plan, shape, True, stored_weight),
+    )
     mix = em.layer(pattern, weight_shape=weight_shape, bias_shape=bias_shape, **given)
     d = em.describe(mix, x_shape)
     assert d.loop == sizes["b"]
