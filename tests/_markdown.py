@@ -51,4 +51,5 @@ def run(block: Block, namespace: dict) -> None:
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     out: list[str] = []
     runner.run(test, out=out.append, clear_globs=False)
+    namespace.update(test.globs)  # DocTest ran in a copy: keep what the block defined
     assert runner.failures == 0, "".join(out)
