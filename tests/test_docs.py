@@ -79,7 +79,8 @@ def test_torch_porting_guide_matches_einops_torch_layer(monkeypatch):
 
     def recording(variables, layer):
         converted = convert(variables, layer)
-        conversions.append((variables, layer, converted))
+        if "params" in variables:  # a bare params dict comes back here wrapped in {'params': ...}
+            conversions.append((variables["params"], layer, converted["params"]))
         return converted
 
     monkeypatch.setattr(em.linen, "from_einops", recording)
