@@ -58,8 +58,8 @@ def convert(text: str, obj: griffe.Object) -> str:
 
 
 class SphinxRoles(griffe.Extension):
-    """Rewrite the roles of every docstring once the object tree is complete."""
+    """Rewrite every docstring as its object is created (modules included)."""
 
-    def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
             obj.docstring.value = convert(obj.docstring.value, obj)
