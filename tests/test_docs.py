@@ -9,7 +9,9 @@ the output of einops' PyTorch forward, replayed in numpy.
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
 from pathlib import Path
 
 import einops
@@ -37,6 +39,20 @@ def test_every_guide_has_code_and_every_block_a_known_language():
             assert block.lang in (*RUNNABLE, "bash", "text"), block.id
         if page.parent.name in ("guides", "porting") or page.stem == "getting-started":
             assert any(b.lang in RUNNABLE for b in page_blocks), page
+
+
+def test_api_reference_covers_every_public_name():
+    """Each public module (einmix_jax and each lazily imported submodule) has its page in
+    docs/api/, listed in mkdocs.yml's nav, rendering every name of its ``__all__``."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for module in ("einmix_jax", *(f"einmix_jax.{name}" for name in em._SUBMODULES)):
+        page = DOCS / "api" / f"{module.removeprefix('einmix_jax.')}.md"
+        assert page.is_file(), f"{module} has no API page {page.relative_to(ROOT)}"
+        assert f": api/{page.name}" in nav, f"{page.name} is not in mkdocs.yml's nav"
+        rendered = set(re.findall(r"^::: ([\w.]+)", page.read_text(), re.M))
+        assert module in rendered, page
+        for name in importlib.import_module(module).__all__:
+            assert f"{module}.{name}" in rendered, f"{module}.{name} is not in {page.name}"
 
 
 @pytest.fixture(autouse=True)
