@@ -312,8 +312,10 @@ def init(
             ``None`` promotes the input's and the params' dtypes.
         precision: passed to ``lax.dot_general`` (``lax.Precision``, a string or a pair).
         preferred_element_type: accumulation/output dtype passed to ``lax.dot_general``.
-        weight_init, bias_init: ``(key, shape, dtype) -> Array``; default: symmetric uniform
-            with variance ``1/fan_in`` for the weight and bound ``sqrt(1/fan_in)`` for the bias.
+        weight_init: ``(key, shape, dtype) -> Array`` drawing the weight; default: symmetric
+            uniform with variance ``1/fan_in``.
+        bias_init: the same for the bias; default: symmetric uniform with bound
+            ``sqrt(1/fan_in)``.
         dot_general: the contraction (a hook for quantisation); ``None``: ``jax.lax.dot_general``,
             looked up at each call, so tools that patch it (qwix) see the contraction.
         **axes: axis lengths; every weight and bias axis needs one.

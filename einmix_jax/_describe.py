@@ -149,7 +149,9 @@ def describe(
             for :func:`einmix_jax.layer`; weight and bias lengths the input fixes may be left out).
         x_shape: the input shape, or anything with a ``.shape`` (an array, a
             ``jax.ShapeDtypeStruct``).
-        weight_shape, bias_shape, **axes: only with a pattern string.
+        weight_shape: only with a pattern string: the weight's axes.
+        bias_shape: only with a pattern string: the bias's axes.
+        **axes: only with a pattern string: axis lengths.
 
     Example:
         >>> d = em.describe('b t c -> b t d', (2, 5, 4), bias_shape='d', d=3)

@@ -202,8 +202,8 @@ def param_axes(
         logical_axes: renames some axes, e.g. ``{'c': 'embed'}``; the others keep their names.
 
     Returns:
-        ``{'weight': names, 'bias': names}`` (no ``'bias'`` when the layer has none), one name per
-        dimension, in the order of ``weight_shape`` and ``bias_shape``.
+        ``{'weight': names, 'bias': names}`` (no ``'bias'`` when the layer has none), one name
+            per dimension, in the order of ``weight_shape`` and ``bias_shape``.
 
     Example:
         >>> mix = em.layer('b t (h c) -> b t (h d)', weight_shape='h c d', bias_shape='h d',

@@ -33,8 +33,14 @@ class EinMix(eqx.Module):
         bias_shape: the bias's axes, e.g. ``'h d'``; ``None``: no bias (``self.bias`` is ``None``).
         key: a ``jax.random.key``; the weight and the bias are drawn from it as
             :func:`einmix_jax.init` draws them (same key, same params).
-        param_dtype, dtype, precision, preferred_element_type, weight_init, bias_init,
-            dot_general: as for :func:`einmix_jax.init`.
+        param_dtype: dtype of the stored params.
+        dtype: computation dtype; ``None`` promotes the input's and the params' dtypes.
+        precision: passed to the contraction.
+        preferred_element_type: accumulation dtype passed to ``dot_general``.
+        weight_init: ``(key, shape, dtype) -> Array`` drawing the weight; ``None``: the core's
+            default (symmetric uniform, variance ``1/fan_in``).
+        bias_init: the same for the bias; ``None``: the core's default.
+        dot_general: the contraction (a hook for quantisation); ``None``: ``jax.lax.dot_general``.
         sizes: axis lengths as a mapping, beside or instead of ``**axes`` (for any axis name,
             ``key`` included).
         **axes: axis lengths; every weight and bias axis needs one.

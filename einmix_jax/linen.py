@@ -41,8 +41,10 @@ class EinMix(nn.Module):
         dtype: computation dtype; ``None`` promotes the input's and the params' dtypes.
         param_dtype: dtype of the stored params.
         precision: passed to the contraction.
-        weight_init, bias_init: ``(key, shape, dtype) -> Array``; ``None``: the core's default
-            (symmetric uniform, variance ``1/fan_in`` for the weight).
+        weight_init: ``(key, shape, dtype) -> Array`` drawing the weight; ``None``: the core's
+            default (symmetric uniform, variance ``1/fan_in``).
+        bias_init: the same for the bias; ``None``: the core's default (symmetric uniform,
+            bound ``sqrt(1/fan_in)``).
         dot_general: the contraction (a hook for quantisation); ``None``: ``jax.lax.dot_general``,
             looked up at each call.
         preferred_element_type: accumulation dtype passed to ``dot_general``.

@@ -4,20 +4,18 @@ the top name files that exist."""
 
 from __future__ import annotations
 
-import doctest
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
+from ._markdown import RUNNABLE, blocks, run
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-BLOCK = re.compile(r"^ *```(\w+)\n(.*?)^ *```$", re.S | re.M)
-BLOCKS = [
-    (m.group(1), m.group(2), README[: m.start()].count("\n") + 2) for m in BLOCK.finditer(README)
-]
-CODE = [(lang, text, line) for lang, text, line in BLOCKS if lang in ("python", "pycon")]
+BLOCKS = blocks(ROOT / "README.md", ROOT)
+CODE = [b for b in BLOCKS if b.lang in RUNNABLE]
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +24,18 @@ def namespace() -> dict:
 
 
 def test_readme_has_code_blocks():
-    langs = [lang for lang, _, _ in BLOCKS]
-    assert langs.count("python") >= 5 and "pycon" in langs
+    langs = [b.lang for b in BLOCKS]
+    assert "python" in langs and "pycon" in langs
 
 
-@pytest.mark.parametrize(("lang", "text", "line"), CODE, ids=[f"line{c[2]}" for c in CODE])
-def test_block_runs(lang, text, line, namespace):
-    if lang == "python":
-        exec(compile(text, f"README.md:{line}", "exec"), namespace)
-        return
-    test = doctest.DocTestParser().get_doctest(
-        text, namespace, f"README.md:{line}", "README.md", line
-    )
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    out: list[str] = []
-    runner.run(test, out=out.append, clear_globs=False)
-    assert runner.failures == 0, "".join(out)
+@pytest.mark.parametrize("block", CODE, ids=[f"line{b.line}" for b in CODE])
+def test_block_runs(block, namespace):
+    run(block, namespace)
 
 
 def test_first_commands():
-    commands = [text.strip() for lang, text, _ in BLOCKS[:2]]
-    assert [lang for lang, _, _ in BLOCKS[:2]] == ["bash", "bash"]
+    commands = [b.text.strip() for b in BLOCKS[:2]]
+    assert [b.lang for b in BLOCKS[:2]] == ["bash", "bash"]
     assert commands[0] == (
         'python3 -m venv .venv && . .venv/bin/activate && pip install ".[examples]" '
         "&& python examples/mlp_mixer_digits.py"
@@ -59,6 +48,7 @@ def test_first_commands():
 
 
 def test_linked_files_exist():
-    for target in re.findall(r"\]\(((?:examples|benchmarks|tests)/[^)#]+)\)", README):
-        if target != "benchmarks/RESULTS.md":  # written by benchmarks/bench.py
-            assert (ROOT / target).is_file(), target
+    targets = re.findall(r"\]\(((?!https?:)[^)#]+)(?:#[^)]*)?\)", README)
+    assert any(t.startswith("docs/") for t in targets)
+    for target in targets:
+        assert (ROOT / target).exists(), target
