@@ -123,6 +123,10 @@ class Lowering:
 LOOP_COPY_FRACTION = 1 / 3
 #: ... plus this many elements per iteration (loop overhead, smaller GEMMs).
 LOOP_STEP_COST = 1 << 12
+#: The length a symbolic dimension (``jax.export.symbolic_shape``) counts as when costs are
+#: compared: large, so the decision for a symbolic batch is the one for a big batch, and the same
+#: every time.
+SYMBOLIC_LENGTH = 1 << 16
 #: A weight broadcast is paid twice: the broadcast copy, and the per-slice weight gradient that
 #: the backward pass writes and then sums.
 BROADCAST_PASSES = 2
@@ -223,12 +227,22 @@ def lower(
     def size(axes: list[str]) -> int:
         return math.prod(sizes[a] for a in axes)
 
+    # Costs are compared as integers: a symbolic length (jax.export) counts as SYMBOLIC_LENGTH.
+    cost_sizes = {a: n if isinstance(n, int) else SYMBOLIC_LENGTH for a, n in sizes.items()}
+
+    def cost_size(axes: list[str]) -> int:
+        return math.prod(cost_sizes[a] for a in axes)
+
     # The leading run of x's axes that are not contracted: candidates for outer dimensions.
     n_outer = next((i for i, a in enumerate(x_kept) if a in contracted), len(x_kept))
     candidates = []
     for k in range(n_outer + 1):  # x_kept[:k] stay in front of the dot (k = 0 first: ties)
         outer = x_kept[:k]
-        free_run = next((i for i, a in enumerate(outer) if a in in_w), len(outer))
+        # loops run over leading x-only axes of known length (lax.map needs a static count)
+        free_run = next(
+            (i for i, a in enumerate(outer) if a in in_w or not isinstance(sizes[a], int)),
+            len(outer),
+        )
         for n_loop in sorted({0, free_run if loops else 0}):
             loop = outer[:n_loop]
             dot_batch = outer[n_loop:] + [a for a in batch if a not in outer]
@@ -259,17 +273,17 @@ def lower(
                 )
 
     def moved(src: list[str], dst: list[str]) -> int:
-        return 0 if _perm(src, dst, sizes) is None else size(src)
+        return 0 if _perm(src, dst, sizes) is None else cost_size(src)
 
-    loop_copies = round(LOOP_COPY_FRACTION * (size(x_kept) + size(out_axes)))
+    loop_copies = round(LOOP_COPY_FRACTION * (cost_size(x_kept) + cost_size(out_axes)))
 
     def cost(c: _Candidate) -> int:
         return (
             moved(x_kept, c.x_order)
             + moved(c.y_order, out_axes)
             + moved(w_axes, c.w_order)
-            + (BROADCAST_PASSES * size(c.bcast) * size(w_axes) if c.bcast else 0)
-            + (loop_copies + LOOP_STEP_COST * size(c.loop) if c.loop else 0)
+            + (BROADCAST_PASSES * cost_size(c.bcast) * cost_size(w_axes) if c.bcast else 0)
+            + (loop_copies + LOOP_STEP_COST * cost_size(c.loop) if c.loop else 0)
         )
 
     best = _stored_weight_order(w_axes, x_free, contracted, batch) if stored_weight else None
