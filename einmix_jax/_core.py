@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -33,7 +33,50 @@ def _dtype(dtype: DTypeLike | None) -> np.dtype | None:
     return None if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
-@dataclasses.dataclass(frozen=True)
+def hook_key(fn: Any) -> Any:
+    """What a callable option (an init, ``dot_general``) compares and hashes by, inside a layer.
+
+    A ``functools.partial`` compares by its function and arguments, so rebuilding the same partial
+    gives an equal layer; anything else by its own ``==`` (identity for functions). What cannot be
+    hashed compares by identity, so the layer stays a hashable static ``jit`` argument.
+
+    Example:
+        >>> import functools
+        >>> hook_key(functools.partial(max, 1)) == hook_key(functools.partial(max, 1))
+        True
+        >>> (lambda: 0) == (lambda: 0)  # two functions: never equal
+        False
+    """
+    if isinstance(fn, functools.partial):
+        key = ("partial", hook_key(fn.func), fn.args, tuple(sorted(fn.keywords.items())))
+        try:
+            hash(key)
+        except TypeError:
+            return _Identity(fn)
+        return key
+    try:
+        hash(fn)
+    except TypeError:
+        return _Identity(fn)
+    return fn
+
+
+class _Identity:
+    """Compares and hashes by the identity of the object it holds."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class EinMix:
     """One EinMix layer, as pure functions: ``init(key) -> params`` and ``self(params, x) -> y``.
 
@@ -57,8 +100,30 @@ class EinMix:
     dot_general: DotGeneral | None = None
     #: output sharding constraint, set by ``einmix_jax.with_out_sharding``; None: unconstrained
     out_sharding: OutSharding | None = None
-    weight_init: Initializer | None = dataclasses.field(default=None, compare=False)
-    bias_init: Initializer | None = dataclasses.field(default=None, compare=False)
+    weight_init: Initializer | None = None
+    bias_init: Initializer | None = None
+
+    def _key(self) -> tuple[Any, ...]:
+        """Equal keys: the layers compute the same thing, initializers included."""
+        return (
+            self.plan,
+            self.param_dtype,
+            self.dtype,
+            self.precision,
+            self.preferred_element_type,
+            hook_key(self.dot_general),
+            self.out_sharding,
+            hook_key(self.weight_init),
+            hook_key(self.bias_init),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EinMix):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def __repr__(self) -> str:
         return repr(self.plan)
@@ -91,8 +156,10 @@ class EinMix:
             params["bias"] = self.init_bias(bias_key)
         return params
 
-    def __call__(self, params: Params, x: ArrayLike) -> jax.Array:
+    def __call__(self, params: Mapping[str, Any], x: ArrayLike) -> jax.Array:
         """Apply the layer: ``y = rearrange(contract(rearrange(x), weight) + bias)``."""
+        if isinstance(params, Mapping) and not isinstance(params, dict):
+            params = dict(params)  # e.g. an nnx.State or FrozenDict: its entries are pytrees
         return _apply_jit(params, x, layer=self)
 
 
@@ -128,33 +195,66 @@ def _transpose(a: jax.Array, perm: tuple[int, ...] | None) -> jax.Array:
     return moved.reshape([a.shape[p] for p in perm])
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-    """An array's shape; also a quantized container's (anything with a ``shape``)."""
-    shape = getattr(value, "shape", None)
-    return tuple(np.shape(value) if shape is None else shape)
-
-
 def _is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray))
 
 
+def _param_value(value: Any, name: str, ctx: str) -> Any:
+    """One param as the core computes with it: Flax's boxes unwrapped, a nested list of numbers
+    read as an array; an array, or a quantized container (anything else with a ``shape`` and a
+    ``dtype``, a tool's to handle), as it is."""
+    if hasattr(value, "unbox"):  # linen's partitioning boxes
+        value = value.unbox()
+    if type(value).__module__.startswith("flax.") and hasattr(value, "get_value"):
+        value = value.get_value()  # an nnx.Variable, e.g. from nnx.state(layer)
+    if _is_array(value):
+        if jnp.issubdtype(value.dtype, jnp.number):
+            return value
+    elif hasattr(value, "shape") and hasattr(value, "dtype"):
+        return value
+    else:
+        try:
+            array = jnp.asarray(value)
+        except (TypeError, ValueError):
+            array = None
+        if array is not None and jnp.issubdtype(array.dtype, jnp.number):
+            return array
+    raise EinMixError(
+        f"params[{name!r}] must be an array of numbers (or nested lists of numbers), got "
+        f"{_short(value)} ({ctx})"
+    )
+
+
 def _check_params(layer: EinMix, params: Any) -> tuple[Any, jax.Array | None]:
+    """The weight and bias of ``params``: any mapping (dict, ``FrozenDict``, ``nnx.State``) of
+    arrays, Flax boxes (``nn.LogicallyPartitioned``, ``nnx.Param``) or lists of numbers."""
     ctx = layer.plan.context()
-    if not isinstance(params, dict) or "weight" not in params:
-        raise EinMixError(f"params must be a dict with a 'weight' entry ({ctx})")
+    if not isinstance(params, Mapping) or "weight" not in params:
+        raise EinMixError(
+            "params must be a mapping (a dict, FrozenDict or nnx.State) with a 'weight' entry, "
+            f"got {type(params).__name__} ({ctx})"
+        )
     expected = set(layer.param_shapes)
     if set(params) != expected:
         raise EinMixError(
             f"params has entries {sorted(params)}, expected {sorted(expected)} ({ctx})"
         )
+    values: dict[str, Any] = {}
     for name, shape in layer.param_shapes.items():
-        got = _shape(params[name])
+        value = _param_value(params[name], name, ctx)
+        got = tuple(value.shape)
         if got != shape:
             axes = layer.plan.weight_shape if name == "weight" else layer.plan.bias_shape
             raise EinMixError(
                 f"params[{name!r}] has shape {got}, expected {shape} for {axes!r} ({ctx})"
             )
-    return params["weight"], params.get("bias")
+        values[name] = value
+    return values["weight"], values.get("bias")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
 def _apply(
@@ -166,7 +266,7 @@ def _apply(
     dtype = layer.dtype
     if dtype is None:  # the layer's own rule, also under jax_numpy_dtype_promotion='strict'
         # a quantized weight container counts with the dtype it stands for
-        operands = [p if _is_array(p) else p.dtype for p in params.values()]
+        operands = [p if _is_array(p) else p.dtype for p in (weight, bias) if p is not None]
         with jax.numpy_dtype_promotion("standard"):
             dtype = jnp.result_type(x, *operands)
             if not jnp.issubdtype(dtype, jnp.inexact):

@@ -201,7 +201,11 @@ def _parse_cached(
                 f"numeric axes other than 1 are not allowed in EinMix ({what}; {ctx}); name the "
                 "axis and pass its length instead"
             )
-    if any(not isinstance(g, str) and len(g) != 1 for g in weight.composition):
+    if (
+        "(" in weight_shape
+        or ")" in weight_shape
+        or any(not isinstance(g, str) and len(g) != 1 for g in weight.composition)
+    ):
         raise EinMixError(f"parentheses and '1' are not allowed in weight_shape ({ctx})")
     weight_axes = tuple(g[0] for g in weight.composition)
 

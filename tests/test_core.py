@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Mapping
 
 import chex
 import jax
@@ -372,3 +374,94 @@ def test_no_retrace_on_a_second_apply_with_the_same_shapes():
     assert _lower.lower.cache_info().misses == lowered.misses
     apply(params, _normal((4, 3)))  # a new input shape compiles once more
     assert _core._apply_jit._cache_size() == size + 1
+
+
+# --- equality -----------------------------------------------------------------------------
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def _ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def _fill(key, shape, dtype, value=0.0):
+    return jnp.full(shape, value, dtype)
+
+
+@pytest.mark.parametrize("which", ["weight_init", "bias_init"])
+def test_layers_that_differ_only_in_an_init_are_unequal(which):
+    config = dict(bias_shape="d", c=3, d=4)
+    zeros = em.layer("b c -> b d", **config, **{which: _zeros})
+    ones = em.layer("b c -> b d", **config, **{which: _ones})
+    assert zeros != ones and len({zeros, ones}) == 2
+    assert zeros == em.layer("b c -> b d", **config, **{which: _zeros})
+    assert hash(zeros) == hash(em.layer("b c -> b d", **config, **{which: _zeros}))
+    # a layer is a static jit argument: each one must draw with its own init
+    init = jax.jit(em.EinMix.init, static_argnums=0)
+    entry = "weight" if which == "weight_init" else "bias"
+    shape = zeros.param_shapes[entry]
+    np.testing.assert_array_equal(init(zeros, jax.random.key(0))[entry], np.zeros(shape))
+    np.testing.assert_array_equal(init(ones, jax.random.key(0))[entry], np.ones(shape))
+
+
+def test_partial_inits_compare_by_function_and_arguments():
+    def layer(init):
+        return em.layer("b c -> b d", c=3, d=4, weight_init=init)
+
+    half = layer(functools.partial(_fill, value=0.5))
+    assert half == layer(functools.partial(_fill, value=0.5))
+    assert hash(half) == hash(layer(functools.partial(_fill, value=0.5)))
+    assert half != layer(functools.partial(_fill, value=2.0))
+    assert half != layer(_fill)
+    np.testing.assert_array_equal(half.init(jax.random.key(0))["weight"], np.full((3, 4), 0.5))
+    # an unhashable argument: compared by identity, still hashable
+    array_fill = functools.partial(_fill, value=jnp.ones(()))
+    assert layer(array_fill) == layer(array_fill)
+    assert layer(array_fill) != layer(functools.partial(_fill, value=jnp.ones(())))
+    hash(layer(array_fill))
+
+
+# --- params in any mapping ----------------------------------------------------------------
+
+
+def test_params_in_any_mapping():
+    from flax.core import FrozenDict
+
+    case = CASES["multi-head"]
+    params, apply = case.init(jax.random.key(0))
+    x = _normal(case.x_shape)
+    expected = case.reference(params, x)
+    for mapping in (FrozenDict(params), _ReadOnly(params)):
+        np.testing.assert_allclose(apply(mapping, x), expected, rtol=1e-5, atol=1e-5)
+    frozen = FrozenDict(params)  # a pytree, so it also passes through the user's jit
+    np.testing.assert_allclose(jax.jit(apply)(frozen, x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _ReadOnly(Mapping):
+    """A read-only mapping that is not a ``dict``."""
+
+    def __init__(self, entries: dict):
+        self._entries = dict(entries)
+
+    def __getitem__(self, key):
+        return self._entries[key]
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+
+def test_params_as_lists_of_numbers():
+    apply = em.layer("b c -> b d", bias_shape="d", c=2, d=3)
+    weight, bias = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [0.5, 0.0, -0.5]
+    x = np.array([[1.0, 2.0]], np.float32)
+    expected = reference_einmix(
+        "b c -> b d", "c d", "d", x, np.array(weight), np.array(bias), {"c": 2, "d": 3}
+    )
+    for call in (apply, jax.jit(apply)):
+        np.testing.assert_allclose(call({"weight": weight, "bias": bias}, x), expected)

@@ -528,3 +528,31 @@ def test_logical_axes_under_scan_gain_the_layer_axis():
     for i in range(3):
         expected = jnp.tanh(core(jax.tree.map(lambda p, i=i: p[i], params), expected))
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_params_move_to_the_functional_form_in_any_mapping():
+    import flax
+
+    layer = EinMix("b c -> b d", "c d", "d", sizes={"d": 3})
+    x = _x((2, 4))
+    functional = em.layer("b c -> b d", bias_shape="d", c=4, d=3)
+    flax.config.update("flax_return_frozendict", True)
+    try:
+        variables = layer.init(jax.random.key(0), x)
+    finally:
+        flax.config.update("flax_return_frozendict", False)
+    params = variables["params"]
+    expected = reference_einmix(
+        "b c -> b d", "c d", "d", x, params["weight"], params["bias"], {"c": 4, "d": 3}
+    )
+    np.testing.assert_allclose(functional(params, x), expected, rtol=1e-5, atol=1e-5)
+    # boxed params (logical_axes) move too: the boxes are unwrapped
+    boxed = layer.clone(logical_axes=True).init(jax.random.key(0), x)["params"]
+    np.testing.assert_allclose(functional(boxed, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parenthesised_weight_axes_are_refused():
+    for weight_shape in ("c (d)", "(c) d"):
+        layer = EinMix("b c -> b d", weight_shape, sizes={"d": 3})
+        with pytest.raises(em.EinMixError, match=r"parentheses .*weight_shape"):
+            layer.init(jax.random.key(0), jnp.ones((2, 4)))

@@ -424,3 +424,20 @@ def test_logical_axes_errors_name_the_argument():
         EinMix("b c -> b d", c=4, d=3, logical_axes="embed", rngs=nnx.Rngs(0))
     with pytest.raises(einops.EinopsError, match=r"axis 'e', which is not an axis of this layer"):
         EinMix("b c -> b d", c=4, d=3, logical_axes={"e": "embed"}, rngs=nnx.Rngs(0))
+
+
+def test_params_in_any_mapping():
+    from flax.core import FrozenDict
+
+    layer = EinMix("b c -> b d", bias_shape="d", c=4, d=3, rngs=nnx.Rngs(0))
+    x = _x((2, 4))
+    params = layer.get_params()
+    expected = reference_einmix(
+        "b c -> b d", "c d", "d", x, params["weight"], params["bias"], {"c": 4, "d": 3}
+    )
+    state = nnx.state(layer)
+    np.testing.assert_allclose(layer.functional(state, x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(layer.functional)(state, x), expected, rtol=1e-5, atol=1e-5)
+    other = EinMix("b c -> b d", bias_shape="d", c=4, d=3, rngs=nnx.Rngs(1))
+    other.set_params(FrozenDict(params))
+    np.testing.assert_allclose(other(x), expected, rtol=1e-5, atol=1e-5)

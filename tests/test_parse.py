@@ -139,6 +139,12 @@ BAD = {
     "parentheses in the weight": Bad(
         "b c -> b d", dict(weight_shape="(c d)", c=4, d=3), r"parentheses .*weight_shape"
     ),
+    "parenthesised axis in the weight": Bad(
+        "b c -> b d", dict(weight_shape="c (d)", c=4, d=3), r"parentheses .*weight_shape 'c \(d\)'"
+    ),
+    "parenthesised first axis in the weight": Bad(
+        "b c -> b d", dict(weight_shape="(c) d", c=4, d=3), r"parentheses .*weight_shape '\(c\) d'"
+    ),
     "1 in the weight": Bad(
         "b c -> b d", dict(weight_shape="c 1 d", c=4, d=3), r"'1' are not allowed in weight_shape"
     ),
@@ -272,7 +278,7 @@ BAD = {
     "params not a dict": Bad(
         "b c -> b d",
         LINEAR,
-        r"params must be a dict with a 'weight' entry",
+        r"params must be a mapping .*with a 'weight' entry, got list",
         x_shape=(2, 4),
         edit=lambda p: [p["weight"]],
     ),
