@@ -22,15 +22,20 @@ from jax.typing import ArrayLike, DTypeLike
 from ._errors import EinMixError
 from ._init import Initializer, lecun_uniform_bias, lecun_uniform_weight
 from ._lower import Lowering, lower
+from ._options import (
+    axes_repr,
+    float_dtype,
+    hook_option,
+    merge_sizes,
+    options_repr,
+    precision_option,
+    reject_length,
+)
 from ._parse import Plan, normalize_axes, parse
 from ._shard import OutSharding, apply_sharded, explicit_mesh_active
 
 Params = dict[str, jax.Array]
 DotGeneral = Callable[..., jax.Array]
-
-
-def _dtype(dtype: DTypeLike | None) -> np.dtype | None:
-    return None if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
 def hook_key(fn: Any) -> Any:
@@ -76,16 +81,21 @@ class _Identity:
         return id(self.obj)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, init=False)
 class EinMix:
     """One EinMix layer, as pure functions: ``init(key) -> params`` and ``self(params, x) -> y``.
 
-    Build it with :func:`einmix_jax.init` (which also returns params) or :func:`layer`.
+    ``EinMix(pattern, weight_shape, bias_shape, **options_and_axes)`` takes the arguments of
+    :func:`layer` (einops' torch-layer order), so its ``repr`` pastes back into an equal layer.
+    Layers are equal when they compute the same thing, initializers included; they are hashable,
+    for use as static ``jit`` arguments.
 
     Example:
         >>> layer = einmix_jax.layer('b t c -> b t d', bias_shape='d', c=4, d=3)
         >>> layer
         EinMix('b t c -> b t d', 'c d', 'd', c=4, d=3)
+        >>> layer == EinMix('b t c -> b t d', 'c d', 'd', c=4, d=3)
+        True
         >>> params = layer.init(jax.random.key(0))
         >>> layer(params, jnp.ones((2, 5, 4))).shape
         (2, 5, 3)
@@ -102,6 +112,57 @@ class EinMix:
     out_sharding: OutSharding | None = None
     weight_init: Initializer | None = None
     bias_init: Initializer | None = None
+
+    def __init__(
+        self,
+        plan: str | Plan,
+        weight_shape: str | None = None,
+        bias_shape: str | None = None,
+        *,
+        sizes: Mapping[str, int] | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        dtype: DTypeLike | None = None,
+        precision: Any = None,
+        preferred_element_type: DTypeLike | None = None,
+        dot_general: DotGeneral | None = None,
+        out_sharding: OutSharding | None = None,
+        weight_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        **axes: Any,  # lengths, checked (Any: a misplaced option is reported, not mistyped)
+    ) -> None:
+        """Build and validate a layer; ``plan`` is the pattern (or an already parsed ``Plan``)."""
+        ctx = plan.context() if isinstance(plan, Plan) else f"pattern {plan!r}"
+        values: dict[str, Any] = {
+            "param_dtype": float_dtype("param_dtype", param_dtype, ctx, optional=False),
+            "dtype": float_dtype("dtype", dtype, ctx, optional=True),
+            "precision": precision_option(precision, ctx),
+            "preferred_element_type": float_dtype(
+                "preferred_element_type", preferred_element_type, ctx, optional=True
+            ),
+            "dot_general": hook_option("dot_general", dot_general, ctx, optional=True),
+            "out_sharding": out_sharding,
+            "weight_init": hook_option("weight_init", weight_init, ctx, optional=True),
+            "bias_init": hook_option("bias_init", bias_init, ctx, optional=True),
+        }
+        if out_sharding is not None and not isinstance(out_sharding, OutSharding):
+            raise EinMixError(
+                f"out_sharding is set by einmix_jax.with_out_sharding(layer, rules), got "
+                f"{out_sharding!r} ({ctx})"
+            )
+        if isinstance(plan, Plan):
+            if weight_shape is not None or bias_shape is not None or sizes or axes:
+                raise EinMixError(
+                    f"EinMix(plan) takes no weight_shape, bias_shape or lengths: the plan has "
+                    f"them ({ctx})"
+                )
+        else:
+            reject_length("weight_shape", weight_shape, ctx)
+            reject_length("bias_shape", bias_shape, ctx)
+            lengths = normalize_axes(merge_sizes(sizes, axes, ctx), ctx)
+            plan = parse(plan, weight_shape, bias_shape, lengths)
+        values["plan"] = plan
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     def _key(self) -> tuple[Any, ...]:
         """Equal keys: the layers compute the same thing, initializers included."""
@@ -126,7 +187,29 @@ class EinMix:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        return repr(self.plan)
+        plan = self.plan
+        args = [repr(plan.pattern), repr(plan.weight_shape)]
+        if plan.bias_shape is not None:
+            args.append(repr(plan.bias_shape))
+        args += axes_repr(plan.axes)
+        args += options_repr(
+            {
+                "param_dtype": self.param_dtype,
+                "dtype": self.dtype,
+                "precision": self.precision,
+                "preferred_element_type": self.preferred_element_type,
+                "dot_general": self.dot_general,
+                "weight_init": self.weight_init,
+                "bias_init": self.bias_init,
+            }
+        )
+        text = f"EinMix({', '.join(args)})"
+        out = self.out_sharding
+        if out is None:
+            return text
+        target = repr(out.spec) if out.spec is not None else repr(out.rules)
+        extra = f", logical_axes={dict(out.logical_axes)!r}" if out.logical_axes else ""
+        return f"with_out_sharding({text}, {target}{extra})"
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -158,19 +241,32 @@ class EinMix:
 
     def __call__(self, params: Mapping[str, Any], x: ArrayLike) -> jax.Array:
         """Apply the layer: ``y = rearrange(contract(rearrange(x), weight) + bias)``."""
-        if isinstance(params, Mapping) and not isinstance(params, dict):
-            params = dict(params)  # e.g. an nnx.State or FrozenDict: its entries are pytrees
-        return _apply_jit(params, x, layer=self)
+        return _apply_jit(_entries(self, params), x, layer=self)
 
 
-def _checked(value: jax.Array, layer: EinMix, name: str) -> jax.Array:
+def _checked(value: Any, layer: EinMix, name: str) -> jax.Array:
+    """An initializer's result: an array (a nested list of numbers is read as one) of the
+    declared shape and of ``param_dtype``."""
+    ctx = layer.plan.context()
+    if not hasattr(value, "dtype"):
+        try:
+            value = jnp.asarray(value, layer.param_dtype)
+        except (TypeError, ValueError):
+            raise EinMixError(
+                f"{name}_init must return an array, got {_short(value)} ({ctx})"
+            ) from None
     expected = layer.param_shapes[name]
     if tuple(value.shape) != expected:
         raise EinMixError(
-            f"{name}_init returned shape {tuple(value.shape)}, expected {expected} "
-            f"({layer.plan.context()})"
+            f"{name}_init returned shape {tuple(value.shape)}, expected {expected} ({ctx})"
         )
-    return value
+    want = jax.dtypes.canonicalize_dtype(layer.param_dtype)
+    if value.dtype != want:
+        raise EinMixError(
+            f"{name}_init returned dtype {value.dtype}, expected {want} (param_dtype; the "
+            f"initializer is called with it as its dtype argument) ({ctx})"
+        )
+    return jnp.asarray(value)
 
 
 def _transpose(a: jax.Array, perm: tuple[int, ...] | None) -> jax.Array:
@@ -252,6 +348,24 @@ def _check_params(layer: EinMix, params: Any) -> tuple[Any, jax.Array | None]:
     return values["weight"], values.get("bias")
 
 
+def _entries(layer: EinMix, params: Any) -> Any:
+    """``params`` as a dict whose lists of numbers are arrays, ready to pass through ``jit``
+    (the entries of an ``nnx.State`` or ``FrozenDict`` are pytrees already)."""
+    if not isinstance(params, Mapping):
+        return params  # _check_params names the problem
+    out = dict(params)
+    for name, value in out.items():
+        if isinstance(value, (list, tuple)):
+            try:
+                out[name] = jnp.asarray(value)
+            except (TypeError, ValueError):
+                raise EinMixError(
+                    f"params[{name!r}] must be an array of numbers (or nested lists of numbers), "
+                    f"got {_short(value)} ({layer.plan.context()})"
+                ) from None
+    return out
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else f"a {type(value).__name__}"
@@ -269,8 +383,8 @@ def _apply(
         operands = [p if _is_array(p) else p.dtype for p in (weight, bias) if p is not None]
         with jax.numpy_dtype_promotion("standard"):
             dtype = jnp.result_type(x, *operands)
-            if not jnp.issubdtype(dtype, jnp.inexact):
-                dtype = jnp.result_type(dtype, jnp.float32)
+            if not jnp.issubdtype(dtype, jnp.inexact):  # integer x and params: the default
+                dtype = jnp.result_type(dtype, float)  # float (float64 under x64), not float32
     x = x.astype(dtype)
     if _is_array(weight) and weight.dtype != dtype:  # a container is the tool's to convert
         weight = weight.astype(dtype)
@@ -349,9 +463,10 @@ def apply_traced(
 def layer(
     pattern: str,
     /,
-    *,
     weight_shape: str | None = None,
     bias_shape: str | None = None,
+    *,
+    sizes: Mapping[str, int] | None = None,
     param_dtype: DTypeLike = jnp.float32,
     dtype: DTypeLike | None = None,
     precision: Any = None,
@@ -366,20 +481,22 @@ def layer(
     Example:
         >>> einmix_jax.layer('b c -> b d', c=3, d=2).param_shapes
         {'weight': (3, 2)}
+        >>> einmix_jax.layer('b c -> b d', 'd c', 'd', c=3, d=2)  # einops' torch-layer order
+        EinMix('b c -> b d', 'd c', 'd', c=3, d=2)
     """
-    context = f"pattern {pattern!r}"
-    plan = parse(pattern, weight_shape, bias_shape, normalize_axes(axes, context))
-    if isinstance(precision, list):
-        precision = tuple(precision)
     return EinMix(
-        plan=plan,
-        param_dtype=np.dtype(jnp.dtype(param_dtype)),
-        dtype=_dtype(dtype),
+        pattern,
+        weight_shape,
+        bias_shape,
+        sizes=sizes,
+        param_dtype=param_dtype,
+        dtype=dtype,
         precision=precision,
-        preferred_element_type=_dtype(preferred_element_type),
+        preferred_element_type=preferred_element_type,
         dot_general=dot_general,
         weight_init=weight_init,
         bias_init=bias_init,
+        **axes,
     )
 
 
@@ -387,9 +504,10 @@ def init(
     pattern: str,
     key: jax.Array,
     /,
-    *,
     weight_shape: str | None = None,
     bias_shape: str | None = None,
+    *,
+    sizes: Mapping[str, int] | None = None,
     param_dtype: DTypeLike = jnp.float32,
     dtype: DTypeLike | None = None,
     precision: Any = None,
@@ -406,12 +524,16 @@ def init(
         key: a ``jax.random.key`` or legacy ``PRNGKey``.
         weight_shape: the weight's axes in storage order, e.g. ``'h c d'``; ``None`` infers the
             axes only in the input, then those only in the output; ``''`` is a scalar weight.
+            Positional or keyword, as in einops' torch layer.
         bias_shape: the bias's axes (all in the output, after any ``...``); ``None``: no bias.
-        param_dtype: dtype of the stored params.
-        dtype: dtype of the computation and the output (inputs and params are cast to it);
-            ``None`` promotes the input's and the params' dtypes.
+        sizes: axis lengths as a mapping, beside ``**axes``; for any axis name, also one that
+            is an option's name (``sizes={'dtype': 4}``).
+        param_dtype: floating dtype of the stored params.
+        dtype: floating dtype of the computation and the output (inputs and params are cast to
+            it); ``None`` promotes the input's and the params' dtypes, integer inputs to the
+            params' float dtype. Integer dtypes are refused: they would truncate the params.
         precision: passed to ``lax.dot_general`` (``lax.Precision``, a string or a pair).
-        preferred_element_type: accumulation/output dtype passed to ``lax.dot_general``.
+        preferred_element_type: floating accumulation dtype passed to ``lax.dot_general``.
         weight_init: ``(key, shape, dtype) -> Array`` drawing the weight; default: symmetric
             uniform with variance ``1/fan_in``.
         bias_init: the same for the bias; default: symmetric uniform with bound
@@ -420,9 +542,12 @@ def init(
             looked up at each call, so tools that patch it (qwix) see the contraction.
         **axes: axis lengths; every weight and bias axis needs one.
 
+    Raises:
+        EinMixError: for any invalid argument, naming it, before anything is drawn.
+
     Example:
         >>> params, apply = einmix_jax.init('b t (h c) -> b t (h d)', jax.random.key(0),
-        ...                                 weight_shape='h c d', bias_shape='h d', h=2, c=3, d=4)
+        ...                                 'h c d', 'h d', h=2, c=3, d=4)
         >>> jax.tree.map(jnp.shape, params)
         {'bias': (2, 4), 'weight': (2, 3, 4)}
         >>> apply(params, jnp.ones((5, 7, 6))).shape
@@ -430,8 +555,9 @@ def init(
     """
     mix = layer(
         pattern,
-        weight_shape=weight_shape,
-        bias_shape=bias_shape,
+        weight_shape,
+        bias_shape,
+        sizes=sizes,
         param_dtype=param_dtype,
         dtype=dtype,
         precision=precision,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from ._core import EinMix, layer
 from ._errors import EinMixError, describe_call
 from ._lower import Lowering, expand_groups, lower
+from ._options import index, merge_sizes
 from ._parse import ELLIPSIS, normalize_axes, param_sizes_from_input
 
 Shape = tuple[int, ...]
@@ -83,7 +85,7 @@ class Description:
 
     @property
     def strategy(self) -> str:
-        """The lowering picked: ``'x first'``, ``'w first'`` or ``'broadcast batch'``."""
+        """The lowering picked: ``'x first'``, ``'w first'``, ``'broadcast batch'`` or ``'loop'``."""
         return self.lowering.strategy
 
     @property
@@ -134,9 +136,10 @@ def describe(
     layer_or_pattern: Any,
     x_shape: Any,
     /,
-    *,
     weight_shape: str | None = None,
     bias_shape: str | None = None,
+    *,
+    sizes: Mapping[str, int] | None = None,
     **axes: int,
 ) -> Description:
     """Describe what one EinMix call does for an input of ``x_shape``; ``print`` the result.
@@ -147,10 +150,12 @@ def describe(
             ``einmix_jax.eqx.EinMix`` module (a Flax layer is described with the lowering it
             runs: the weight as stored, see ``einmix_jax._lower``), or a pattern string (then ``weight_shape``, ``bias_shape`` and ``axes`` as
             for :func:`einmix_jax.layer`; weight and bias lengths the input fixes may be left out).
-        x_shape: the input shape, or anything with a ``.shape`` (an array, a
-            ``jax.ShapeDtypeStruct``).
+        x_shape: the input shape, a tuple of non-negative integers, or anything with a
+            ``.shape`` (an array, a ``jax.ShapeDtypeStruct``).
         weight_shape: only with a pattern string: the weight's axes.
         bias_shape: only with a pattern string: the bias's axes.
+        sizes: only with a pattern string: axis lengths as a mapping, for any axis name (also
+            one named like an argument).
         **axes: only with a pattern string: axis lengths.
 
     Example:
@@ -173,17 +178,17 @@ def describe(
             y: add bias reshaped to (b=1, t=1, d=3)
           no transpose or broadcast: only free reshapes around one dot_general
     """
-    shape = tuple(int(n) for n in getattr(x_shape, "shape", x_shape))
+    shape = _shape(x_shape)
     if isinstance(layer_or_pattern, str):
         context = describe_call(layer_or_pattern, weight_shape, bias_shape)
-        lengths: dict[str, object] = dict(axes)
-        given = normalize_axes(lengths, context)
-        sizes = param_sizes_from_input(layer_or_pattern, weight_shape, bias_shape, given, shape)
-        completed: dict[str, Any] = dict(sizes)
-        mix = layer(layer_or_pattern, weight_shape=weight_shape, bias_shape=bias_shape, **completed)
+        given = normalize_axes(merge_sizes(sizes, axes, context), context)
+        completed = param_sizes_from_input(
+            layer_or_pattern, weight_shape, bias_shape, given, shape
+        )
+        mix = layer(layer_or_pattern, weight_shape, bias_shape, sizes=dict(completed))
         weight_as_stored = False
     else:
-        if weight_shape is not None or bias_shape is not None or axes:
+        if weight_shape is not None or bias_shape is not None or sizes is not None or axes:
             raise EinMixError(
                 "weight_shape, bias_shape and axis lengths go with a pattern string; "
                 f"{type(layer_or_pattern).__name__} already carries them"
@@ -192,6 +197,18 @@ def describe(
         # the Flax layers run the lowering that hands dot_general the weight as stored
         weight_as_stored = bool(getattr(type(layer_or_pattern), "weight_as_stored", False))
     return _describe(mix, shape, weight_as_stored)
+
+
+def _shape(x_shape: Any) -> Shape:
+    """``x_shape`` (or its ``.shape``) as a tuple of non-negative ints, else an ``EinMixError``."""
+    shape = getattr(x_shape, "shape", x_shape)
+    if isinstance(shape, (tuple, list)):
+        dims = [index(n) for n in shape]
+        if all(n is not None and n >= 0 for n in dims):
+            return tuple(n for n in dims if n is not None)
+    raise EinMixError(
+        f"x_shape must be a tuple of non-negative integers (or an array), got {x_shape!r}"
+    )
 
 
 def _functional(obj: Any, x_shape: Shape) -> EinMix:

@@ -16,9 +16,36 @@ from typing import Any
 from einops import EinopsError
 from einops.parsing import ParsedExpression
 
-from ._errors import EinMixError, axes_list, describe_call
+from ._errors import EinMixError, axes_list, describe_call, pass_length
 
 ELLIPSIS = "…"  # einops' internal name for '...'
+
+#: The most elements a param, or one example of the input or output, may have: ``2**56``. XLA
+#: computes extents and byte sizes in int64, and initialising a param draws random bits of up to
+#: 16 bytes per element, so ``2**56`` keeps every such count 8 times below ``2**63``; beyond it
+#: XLA aborts the process ("overflow in static extent product") rather than raising.
+MAX_ELEMENTS = 2**56
+
+
+def _count(n: int) -> str:
+    return f"2**{n.bit_length() - 1}" if n > 1 and n & (n - 1) == 0 else f"{n:,}"
+
+
+def check_extent(what: str, n: int, context: str) -> None:
+    """Refuse an array (or one example) of ``n`` elements that XLA could not index.
+
+    Example:
+        >>> check_extent('weight (2**31, 2**31)', 2**62, "pattern 'b c -> b d'")
+        Traceback (most recent call last):
+        ...
+        einmix_jax._errors.EinMixError: weight (2**31, 2**31) has 2**62 elements: too large for XLA to index (EinMix allows at most 2**56 elements per param or example) (pattern 'b c -> b d')
+    """
+    if n > MAX_ELEMENTS:
+        raise EinMixError(
+            f"{what} has {_count(n)} elements: too large for XLA to index (EinMix allows at most "
+            f"2**56 elements per param or example) ({context})"
+        )
+
 
 #: A group of an expression: a tuple of axis names (may hold ELLIPSIS), or ELLIPSIS alone for a
 #: bare ``...``.
@@ -130,6 +157,11 @@ def normalize_axes(axes: Mapping[str, Any], context: str) -> tuple[tuple[str, in
             raise EinMixError(
                 f"axis {name!r}: length must be a positive integer, got {length!r} ({context})"
             )
+        if value > MAX_ELEMENTS:
+            raise EinMixError(
+                f"axis {name!r}: length {_count(value)} is too large for XLA to index (EinMix "
+                f"allows at most 2**56 elements per param or example) ({context})"
+            )
         out.append((name, value))
     return tuple(out)
 
@@ -212,7 +244,8 @@ def _parse_cached(
     missing = [a for a in weight_axes if a not in lengths]
     if missing:
         raise EinMixError(
-            f"weight axes {axes_list(missing)} need a length: pass e.g. {missing[0]}=... ({ctx})"
+            f"weight axes {axes_list(missing)} need a length: pass e.g. {pass_length(missing[0])} "
+            f"({ctx})"
         )
     unused = set(lengths) - left.identifiers - weight.identifiers
     if unused:
@@ -245,7 +278,7 @@ def _parse_cached(
         if unsized:
             raise EinMixError(
                 f"bias axes {axes_list(unsized)} need a length: pass e.g. "
-                f"{sorted(unsized)[0]}=... ({ctx})"
+                f"{pass_length(sorted(unsized)[0])} ({ctx})"
             )
         seen_bias_axis = None
         for group in right.composition:
@@ -259,6 +292,22 @@ def _parse_cached(
                     seen_bias_axis = axis
         bias_sizes = tuple(lengths[a] for a in bias_axes)
 
+    weight_sizes = tuple(lengths[a] for a in weight_axes)
+
+    def shape_text(sizes: tuple[int, ...]) -> str:
+        return "(" + ", ".join(_count(n) for n in sizes) + ("," if len(sizes) == 1 else "") + ")"
+
+    check_extent(f"the weight {shape_text(weight_sizes)}", math.prod(weight_sizes), ctx)
+    if bias_sizes is not None:
+        check_extent(f"the bias {shape_text(bias_sizes)}", math.prod(bias_sizes), ctx)
+    for side, expr in (("input", left), ("output", right)):
+        known = [a for a in expr.identifiers if a in lengths]
+        check_extent(
+            f"one {side} example (axes {axes_list(known)})",
+            math.prod(lengths[a] for a in known),
+            ctx,
+        )
+
     return Plan(
         pattern=pattern,
         weight_shape=weight_shape,
@@ -268,7 +317,7 @@ def _parse_cached(
         right=_composition(right),
         weight_axes=weight_axes,
         bias_axes=bias_axes,
-        weight_sizes=tuple(lengths[a] for a in weight_axes),
+        weight_sizes=weight_sizes,
         bias_sizes=bias_sizes,
         fan_in=math.prod(lengths[a] for a in weight_axes if a not in right.identifiers),
     )

@@ -465,3 +465,138 @@ def test_params_as_lists_of_numbers():
     )
     for call in (apply, jax.jit(apply)):
         np.testing.assert_allclose(call({"weight": weight, "bias": bias}, x), expected)
+
+
+# --- positional weight/bias shapes, repr ---------------------------------------------------
+
+
+def test_weight_and_bias_shape_positional_as_in_einops_torch_layer():
+    keyword = em.layer("b c -> b d", weight_shape="d c", bias_shape="d", c=3, d=4)
+    assert em.layer("b c -> b d", "d c", "d", c=3, d=4) == keyword
+    assert em.EinMix("b c -> b d", "d c", "d", c=3, d=4) == keyword
+    params, apply = em.init("b c -> b d", jax.random.key(0), "d c", "d", c=3, d=4)
+    assert apply == keyword
+    assert jax.tree.map(jnp.shape, params) == {"weight": (4, 3), "bias": (4,)}
+
+
+def _custom_dot(lhs, rhs, dims, precision=None, preferred_element_type=None):
+    return lax.dot_general(lhs, rhs, dims, precision=precision)
+
+
+REPR_LAYERS = {
+    "plain": em.layer("b c -> b d", c=3, d=4),
+    "bias": em.layer("b c -> b d", "d c", "d", c=3, d=4),
+    "dtype": em.layer("b c -> b d", c=3, d=4, dtype=jnp.bfloat16),
+    "param_dtype": em.layer("b c -> b d", c=3, d=4, param_dtype="float16"),
+    "precision": em.layer("b c -> b d", c=3, d=4, precision="highest"),
+    "precision enum": em.layer("b c -> b d", c=3, d=4, precision=lax.Precision.HIGH),
+    "precision pair": em.layer("b c -> b d", c=3, d=4, precision=("highest", "default")),
+    "preferred_element_type": em.layer("b c -> b d", c=3, d=4, preferred_element_type="float32"),
+    "axis named like an option": em.layer("b c -> b dtype", sizes={"dtype": 4}, c=3),
+    "out_sharding": em.with_out_sharding(em.layer("b c -> b d", c=3, d=4), {"b": "data"}),
+    "out_sharding, logical": em.with_out_sharding(
+        em.layer("b c -> b d", c=3, d=4), {"batch": "data"}, logical_axes={"b": "batch"}
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REPR_LAYERS))
+def test_repr_pastes_back_into_an_equal_layer(name):
+    mix = REPR_LAYERS[name]
+    namespace = {
+        "EinMix": em.EinMix,
+        "with_out_sharding": em.with_out_sharding,
+        "Precision": lax.Precision,
+    }
+    assert eval(repr(mix), namespace) == mix
+
+
+def test_unequal_layers_never_print_the_same():
+    base = dict(c=3, d=4)
+    layers = [
+        *REPR_LAYERS.values(),
+        em.layer("b c -> b d", **base, dot_general=_custom_dot),
+        em.layer("b c -> b d", **base, weight_init=_zeros),
+        em.layer("b c -> b d", **base, weight_init=_ones),
+        em.layer("b c -> b d", **base, weight_init=functools.partial(_fill, value=2.0)),
+        em.layer("b c -> b d", "d c", "d", **base, bias_init=_zeros),
+        em.layer("b c -> b d", "d c", "d", **base, bias_init=_ones),
+    ]
+    texts = [repr(mix) for mix in layers]
+    assert len(set(layers)) == len(layers)
+    assert len(set(texts)) == len(texts), texts
+    for mix in layers:  # describe's header is the layer's repr
+        assert str(em.describe(mix, (2, 3))).splitlines()[0] == repr(mix)
+
+
+# --- axis names that are option names ------------------------------------------------------
+
+OPTIONS = [
+    "weight_shape",
+    "bias_shape",
+    "sizes",
+    "param_dtype",
+    "dtype",
+    "precision",
+    "preferred_element_type",
+    "weight_init",
+    "bias_init",
+    "dot_general",
+]
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_any_axis_name_through_sizes(name):
+    params, apply = em.init(f"b {name} -> b d", jax.random.key(0), sizes={name: 3, "d": 2})
+    assert jax.tree.map(jnp.shape, params) == {"weight": (3, 2)}
+    x = _normal((2, 3))
+    expected = reference_einmix(
+        "b c -> b d", "c d", None, x, np.asarray(params["weight"]), None, {"c": 3, "d": 2}
+    )
+    np.testing.assert_allclose(apply(params, x), expected, rtol=1e-5, atol=1e-5)
+    described = em.describe(f"b c -> b {name}", (2, 3), sizes={name: 4})
+    assert described.out_shape == (2, 4)
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_axis_length_given_as_an_option_says_to_use_sizes(name):
+    message = rf"{name}=4.*sizes=\{{'{name}': 4\}}"
+    with pytest.raises(em.EinMixError, match=message):
+        em.layer(f"b c -> b {name}", c=3, **{name: 4})
+    with pytest.raises(em.EinMixError, match=message):
+        em.init(f"b c -> b {name}", jax.random.key(0), c=3, **{name: 4})
+
+
+def test_axes_read_off_the_input_may_be_named_like_options():
+    d = em.describe("b precision -> b d", (2, 3), d=4)
+    assert d.layer.param_shapes == {"weight": (3, 4)}
+    d = em.describe("b dtype -> b d", (2, 3), d=4)
+    assert d.layer.param_shapes == {"weight": (3, 4)}
+
+
+def test_a_length_given_twice_is_refused():
+    with pytest.raises(em.EinMixError, match=r"axis 'c'.*given twice"):
+        em.layer("b c -> b d", sizes={"c": 3}, c=3, d=4)
+
+
+# --- dtypes: no integer computation ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["dtype", "param_dtype", "preferred_element_type"])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, bool, "int8"])
+def test_integer_dtypes_are_refused_at_creation(option, dtype):
+    with pytest.raises(em.EinMixError, match=rf"{option} must be a floating dtype"):
+        em.layer("b c -> b d", c=3, d=4, **{option: dtype})
+
+
+def test_integer_inputs_and_params_compute_in_the_default_float_exactly_under_x64():
+    mix = em.layer("b c -> b d", c=1, d=1)
+    with jax.enable_x64(True):
+        x = np.array([[2**40 + 1]], np.int64)
+        y = mix({"weight": np.array([[3]], np.int64)}, x)
+        assert y.dtype == jnp.float64
+        assert int(y[0, 0]) == 3 * (2**40 + 1)
+        y = mix({"weight": np.array([[3.0]], np.float64)}, x)  # float64 params: float64
+        assert y.dtype == jnp.float64 and int(y[0, 0]) == 3 * (2**40 + 1)
+    y = mix({"weight": np.array([[3.0]], np.float32)}, np.array([[7]], np.int32))
+    assert y.dtype == jnp.float32 and float(y[0, 0]) == 21.0

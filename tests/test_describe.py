@@ -314,3 +314,33 @@ def test_loop_lowering_is_described_and_replayed(
     np.testing.assert_allclose(replay(d, x, w, b), expected, rtol=1e-10, atol=1e-10)
     left, right = (flat_axes(side) for side in pattern.split("->"))
     assert d.dot_flops == 2 * math.prod(sizes[a] for a in {*left, *right})
+
+
+@pytest.mark.parametrize(
+    "x_shape", [(-2, 3), (2.5, 3), "23", 23, (True, 3), (2, None), None, {2: 3}]
+)
+def test_the_shape_must_be_a_tuple_of_non_negative_integers(x_shape):
+    mix = em.layer("b c -> b d", c=3, d=2)
+    with pytest.raises(em.EinMixError, match=r"x_shape must be a tuple of non-negative integers"):
+        em.describe(mix, x_shape)
+    with pytest.raises(em.EinMixError, match=r"x_shape must be a tuple of non-negative integers"):
+        em.describe("b c -> b d", x_shape, d=2)
+
+
+def test_numpy_integers_and_an_empty_batch_are_shapes():
+    mix = em.layer("b c -> b d", c=3, d=2)
+    assert em.describe(mix, (np.int64(0), 3)).out_shape == (0, 2)
+    assert em.describe(mix, [4, np.int32(3)]).out_shape == (4, 2)
+
+
+def test_every_strategy_is_documented():
+    from einmix_jax import _lower
+
+    strategies = set()
+    for pattern, weight_shape, bias_shape, given, x_shape, _ in CASES + LOOP_CASES:
+        mix = em.layer(pattern, weight_shape, bias_shape, **given)
+        strategies.add(em.describe(mix, x_shape).strategy)
+        strategies.add(_lower.lower(mix.plan, x_shape, True).strategy)
+    assert "loop" in strategies
+    for strategy in strategies:
+        assert f"'{strategy}'" in Description.strategy.__doc__

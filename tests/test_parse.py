@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import einops
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -210,6 +211,76 @@ BAD = {
     "string length": Bad("b c -> b d", dict(LINEAR, c="4"), r"axis 'c': .* got '4'"),
     "bool length": Bad("b c -> b d", dict(LINEAR, c=True), r"axis 'c': .* got True"),
     "None length": Bad("b c -> b d", dict(LINEAR, c=None), r"axis 'c': .* got None"),
+    # options: each named, at creation
+    "integer param_dtype": Bad(
+        "b c -> b d", dict(LINEAR, param_dtype=np.int32), r"param_dtype must be a floating dtype"
+    ),
+    "bool param_dtype": Bad(
+        "b c -> b d", dict(LINEAR, param_dtype=bool), r"param_dtype must be a floating dtype"
+    ),
+    "None param_dtype": Bad(
+        "b c -> b d", dict(LINEAR, param_dtype=None), r"param_dtype must be a floating dtype"
+    ),
+    "garbage dtype": Bad(
+        "b c -> b d", dict(LINEAR, dtype="garbage"), r"dtype must be a floating dtype.*'garbage'"
+    ),
+    "integer dtype": Bad(
+        "b c -> b d", dict(LINEAR, dtype="int32"), r"dtype must be a floating dtype.*int32"
+    ),
+    "garbage preferred_element_type": Bad(
+        "b c -> b d",
+        dict(LINEAR, preferred_element_type="garbage"),
+        r"preferred_element_type must be a floating dtype",
+    ),
+    "garbage precision": Bad(
+        "b c -> b d", dict(LINEAR, precision="garbage"), r"precision .*'garbage'"
+    ),
+    "unhashable precision": Bad(
+        "b c -> b d", dict(LINEAR, precision={"a": 1}), r"precision .*\{'a': 1\}"
+    ),
+    "precision of three": Bad(
+        "b c -> b d", dict(LINEAR, precision=("highest",) * 3), r"precision .*'highest'"
+    ),
+    "weight_init not callable": Bad(
+        "b c -> b d", dict(LINEAR, weight_init=0.5), r"weight_init must be a callable.*0\.5"
+    ),
+    "bias_init not callable": Bad(
+        "b c -> b d", dict(LINEAR, bias_shape="d", bias_init="zeros"), r"bias_init must be a"
+    ),
+    "dot_general not callable": Bad(
+        "b c -> b d", dict(LINEAR, dot_general="dot"), r"dot_general must be a callable.*'dot'"
+    ),
+    "sizes not a mapping": Bad(
+        "b c -> b d", dict(weight_shape="c d", sizes=[("c", 4)], d=3), r"sizes must be a mapping"
+    ),
+    "sizes with a non-string key": Bad(
+        "b c -> b d", dict(sizes={1: 4}, c=4, d=3), r"sizes .*axis names.*1"
+    ),
+    "weight_init returning ints": Bad(
+        "b c -> b d",
+        dict(LINEAR, weight_init=lambda k, s, d: jnp.ones(s, jnp.int32)),
+        r"weight_init returned dtype int32, expected float32",
+    ),
+    "weight_init returning strings": Bad(
+        "b c -> b d",
+        dict(LINEAR, weight_init=lambda k, s, d: "zeros"),
+        r"weight_init must return an array.*'zeros'",
+    ),
+    # lengths XLA can't index
+    "length 2**62": Bad(
+        "b c -> b d", dict(c=2**62, d=2), r"axis 'c': length 2\*\*62 is too large.*2\*\*56"
+    ),
+    "product 2**62": Bad(
+        "b c -> b d", dict(c=2**31, d=2**31), r"weight.*2\*\*62 elements.*too large"
+    ),
+    "length 2**63": Bad("b c -> b d", dict(c=2**63, d=2), r"too large"),
+    "length 2**64": Bad("b c -> b d", dict(c=2**64, d=2), r"too large"),
+    "input example too large": Bad(
+        "b t c -> b t d", dict(t=2**40, c=2**20, d=2), r"input.*too large"
+    ),
+    "bias too large": Bad(
+        "b t c -> b (t d)", dict(t=2**50, c=1, d=2**10, bias_shape="t d"), r"too large"
+    ),
     # at apply, while tracing
     "wrong rank": Bad(
         "b t c -> b t d",
@@ -306,6 +377,19 @@ def test_errors(bad: Bad):
 def test_weight_init_of_the_wrong_shape():
     with pytest.raises(einops.EinopsError, match=r"weight_init returned shape \(3,\), expected"):
         em.init("b c -> b d", jax.random.key(0), weight_init=lambda k, s, d: np.zeros(3), **LINEAR)
+
+
+def test_weight_init_returning_a_list_is_read_as_an_array():
+    mix = em.layer("b c -> b d", weight_init=lambda k, s, d: [[1, 2], [3, 4]], c=2, d=2)
+    weight = mix.init(jax.random.key(0))["weight"]
+    assert weight.dtype == np.float32
+    np.testing.assert_array_equal(weight, [[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_bad_params_at_apply_name_the_entry():
+    apply = em.layer("b c -> b d", c=2, d=2)
+    with pytest.raises(em.EinMixError, match=r"params\['weight'\] must be an array of numbers"):
+        apply({"weight": [[1.0, None], [2.0, 3.0]]}, _x((1, 2)))
 
 
 def test_init_bias_without_a_bias():
