@@ -22,15 +22,7 @@ from jax.typing import ArrayLike, DTypeLike
 from ._errors import EinMixError
 from ._init import Initializer, lecun_uniform_bias, lecun_uniform_weight
 from ._lower import Lowering, lower
-from ._options import (
-    axes_repr,
-    float_dtype,
-    hook_option,
-    merge_sizes,
-    options_repr,
-    precision_option,
-    reject_length,
-)
+from ._options import axes_repr, check_options, merge_sizes, options_repr, reject_length
 from ._parse import Plan, normalize_axes, parse
 from ._shard import OutSharding, apply_sharded, explicit_mesh_active
 
@@ -132,18 +124,17 @@ class EinMix:
     ) -> None:
         """Build and validate a layer; ``plan`` is the pattern (or an already parsed ``Plan``)."""
         ctx = plan.context() if isinstance(plan, Plan) else f"pattern {plan!r}"
-        values: dict[str, Any] = {
-            "param_dtype": float_dtype("param_dtype", param_dtype, ctx, optional=False),
-            "dtype": float_dtype("dtype", dtype, ctx, optional=True),
-            "precision": precision_option(precision, ctx),
-            "preferred_element_type": float_dtype(
-                "preferred_element_type", preferred_element_type, ctx, optional=True
-            ),
-            "dot_general": hook_option("dot_general", dot_general, ctx, optional=True),
-            "out_sharding": out_sharding,
-            "weight_init": hook_option("weight_init", weight_init, ctx, optional=True),
-            "bias_init": hook_option("bias_init", bias_init, ctx, optional=True),
-        }
+        values = check_options(
+            ctx,
+            param_dtype=param_dtype,
+            dtype=dtype,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            dot_general=dot_general,
+            weight_init=weight_init,
+            bias_init=bias_init,
+        )
+        values["out_sharding"] = out_sharding
         if out_sharding is not None and not isinstance(out_sharding, OutSharding):
             raise EinMixError(
                 f"out_sharding is set by einmix_jax.with_out_sharding(layer, rules), got "
@@ -488,7 +479,8 @@ def layer(
         pattern,
         weight_shape,
         bias_shape,
-        sizes=sizes,
+        # all lengths in one mapping: an axis named 'plan' or 'out_sharding' is just an axis here
+        sizes=merge_sizes(sizes, axes, f"pattern {pattern!r}"),
         param_dtype=param_dtype,
         dtype=dtype,
         precision=precision,
@@ -496,7 +488,6 @@ def layer(
         dot_general=dot_general,
         weight_init=weight_init,
         bias_init=bias_init,
-        **axes,
     )
 
 

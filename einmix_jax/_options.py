@@ -111,6 +111,38 @@ def hook_option(name: str, value: Any, context: str, *, optional: bool) -> Any:
     return value
 
 
+def check_options(
+    context: str,
+    *,
+    param_dtype: Any,
+    dtype: Any,
+    precision: Any,
+    preferred_element_type: Any,
+    dot_general: Any,
+    weight_init: Any,
+    bias_init: Any,
+) -> dict[str, Any]:
+    """Check every option of a layer; return them normalised (dtypes as NumPy dtypes).
+
+    Example:
+        >>> check_options('', param_dtype='float32', dtype=None, precision=None,
+        ...               preferred_element_type=None, dot_general=lax.dot_general,
+        ...               weight_init=None, bias_init=None)['param_dtype']
+        dtype('float32')
+    """
+    return {
+        "param_dtype": float_dtype("param_dtype", param_dtype, context, optional=False),
+        "dtype": float_dtype("dtype", dtype, context, optional=True),
+        "precision": precision_option(precision, context),
+        "preferred_element_type": float_dtype(
+            "preferred_element_type", preferred_element_type, context, optional=True
+        ),
+        "dot_general": hook_option("dot_general", dot_general, context, optional=False),
+        "weight_init": hook_option("weight_init", weight_init, context, optional=True),
+        "bias_init": hook_option("bias_init", bias_init, context, optional=True),
+    }
+
+
 def merge_sizes(sizes: Any, axes: Mapping[str, Any], context: str) -> dict[str, Any]:
     """``sizes`` followed by the ``**axes`` keywords, in order; an axis given in both is an error.
 

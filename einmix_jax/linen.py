@@ -22,6 +22,7 @@ from jax.typing import ArrayLike, DTypeLike
 from . import _core
 from ._errors import EinMixError, describe_call
 from ._init import Initializer
+from ._options import check_options, merge_sizes, options_repr, reject_length
 from ._parse import ELLIPSIS, infer_weight_shape, normalize_axes, param_sizes_from_input
 from ._shard import param_axes
 
@@ -36,8 +37,9 @@ class EinMix(nn.Module):
         weight_shape: the weight's axes, e.g. ``'h c d'``; ``None`` infers them (see
             :func:`einmix_jax.init`).
         bias_shape: the bias's axes, e.g. ``'h d'``; ``None``: no bias.
-        sizes: axis lengths. Weight and bias axes that the input determines may be left out: they
-            are read off the input at init. Stored as a ``FrozenDict``, so the module is hashable.
+        sizes: axis lengths, for any axis name (also ``'dtype'`` or ``'sizes'``). Weight and bias
+            axes that the input determines may be left out: they are read off the input at init.
+            Stored as a ``FrozenDict``, so the module is hashable; ``None`` is ``{}``.
         dtype: computation dtype; ``None`` promotes the input's and the params' dtypes.
         param_dtype: dtype of the stored params.
         precision: passed to the contraction.
@@ -90,9 +92,21 @@ class EinMix(nn.Module):
     logical_axes: Mapping[str, str] | bool | None = None
 
     def __post_init__(self) -> None:
+        context = describe_call(self.pattern, self.weight_shape, self.bias_shape)
+        normalize_axes(merge_sizes(self.sizes, {}, context), context)
+        check_options(
+            context,
+            param_dtype=self.param_dtype,
+            dtype=self.dtype,
+            precision=self.precision,
+            preferred_element_type=self.preferred_element_type,
+            dot_general=self.dot_general,
+            weight_init=self.weight_init,
+            bias_init=self.bias_init,
+        )
         if not isinstance(self.sizes, FrozenDict):
-            # A dict would make the module unhashable (as einops' layer is).
-            object.__setattr__(self, "sizes", FrozenDict(self.sizes))
+            # A dict would make the module unhashable (as einops' layer is); None: no sizes.
+            object.__setattr__(self, "sizes", FrozenDict(self.sizes or {}))
         logical = _logical_option(self.logical_axes, self.pattern)
         object.__setattr__(self, "logical_axes", None if logical is None else FrozenDict(logical))
         super().__post_init__()
@@ -112,12 +126,12 @@ class EinMix(nn.Module):
         return f"EinMix({', '.join(args)})"
 
     def functional(
-        self, x_shape: tuple[int, ...], weight_sizes: tuple[int, ...] | None = None
+        self, x_shape: tuple[int, ...], param_shapes: Mapping[str, tuple[int, ...]] | None = None
     ) -> _core.EinMix:
         """The functional layer this module runs for inputs of ``x_shape``.
 
-        Weight lengths missing from ``sizes`` come from ``weight_sizes`` (the stored weight's
-        shape, once the layer has params) or else are read off the input.
+        Weight and bias lengths missing from ``sizes`` come from ``param_shapes`` (the stored
+        params' shapes, once the layer has params) or else are read off the input.
 
         Example:
             >>> em.linen.EinMix('b c -> b d', sizes={'d': 3}).functional((2, 4))
@@ -125,21 +139,27 @@ class EinMix(nn.Module):
         """
         context = describe_call(self.pattern, self.weight_shape, self.bias_shape)
         sizes = dict(self.sizes)
-        if weight_sizes is not None:
-            weight_shape = self.weight_shape
-            names = (
-                infer_weight_shape(self.pattern) if weight_shape is None else weight_shape
-            ).split()
-            if len(names) == len(weight_sizes):  # else the core reports the shape mismatch
-                sizes = {**dict(zip(names, weight_sizes, strict=True)), **sizes}
-        axes = normalize_axes(sizes, context)
+        weight_shape = self.weight_shape
+        if weight_shape is None:
+            weight_shape = infer_weight_shape(self.pattern)
+        for name, text in (("weight", weight_shape), ("bias", self.bias_shape)):
+            shape = None if param_shapes is None else param_shapes.get(name)
+            if isinstance(text, str) and shape is not None:
+                names = text.split()
+                if len(names) == len(shape):  # else the core reports the shape mismatch
+                    sizes = {**dict(zip(names, shape, strict=True)), **sizes}
         axes = param_sizes_from_input(
-            self.pattern, self.weight_shape, self.bias_shape, axes, tuple(x_shape)
+            self.pattern,
+            self.weight_shape,
+            self.bias_shape,
+            normalize_axes(sizes, context),
+            tuple(x_shape),
         )
         return _core.layer(
             self.pattern,
-            weight_shape=self.weight_shape,
-            bias_shape=self.bias_shape,
+            self.weight_shape,
+            self.bias_shape,
+            sizes=dict(axes),
             param_dtype=self.param_dtype,
             dtype=self.dtype,
             precision=self.precision,
@@ -147,16 +167,24 @@ class EinMix(nn.Module):
             weight_init=self.weight_init,
             bias_init=self.bias_init,
             dot_general=self.dot_general,
-            **dict(axes),
         )
 
     @nn.compact
     def __call__(self, x: ArrayLike) -> jax.Array:
-        """Apply the layer; at init, draw ``'weight'`` (and ``'bias'``) with the core's initializers."""
-        stored = None
-        if self.has_variable("params", "weight"):  # apply: the params fix the lengths, not x
-            stored = tuple(jnp.shape(nn.meta.unbox(self.get_variable("params", "weight"))))
-        layer = self.functional(tuple(jnp.shape(x)), stored)
+        """Apply the layer; at init, draw ``'weight'`` (and ``'bias'``) with the core's initializers.
+
+        At apply the stored params fix the lengths; a missing, extra or misshapen param is the
+        functional form's ``EinMixError``, not a Flax error. Entries named ``weight_*`` or
+        ``bias_*`` are left to the tools that add them (qwix's LoRA factors ``weight_lora_a``).
+        """
+        shapes = None
+        if not self.is_mutable_collection("params") or self.has_variable("params", "weight"):
+            stored = dict(self.variables.get("params", {}))  # apply: the params fix the lengths
+            own = {k: v for k, v in stored.items() if not k.startswith(("weight_", "bias_"))}
+            shapes = {k: _param_shape(nn.meta.unbox(v)) for k, v in own.items()}
+        layer = self.functional(tuple(jnp.shape(x)), shapes)
+        if shapes is not None and shapes != layer.param_shapes:
+            _core._check_params(layer, nn.meta.unbox(own))  # raises the functional form's error
         inits: dict[str, Any] = {"weight": layer.init_weight}
         if layer.plan.bias_sizes is not None:
             inits["bias"] = layer.init_bias
@@ -168,6 +196,12 @@ class EinMix(nn.Module):
         return _core.apply_traced(layer, params, x)
 
 
+def _param_shape(value: Any) -> tuple[int, ...]:
+    """A stored param's shape; also a quantized container's (anything with a ``shape``)."""
+    shape = getattr(value, "shape", None)
+    return tuple(np.shape(value) if shape is None else shape)
+
+
 def _logical_option(value: object, pattern: str) -> Mapping[str, str] | None:
     """The ``logical_axes`` option as a mapping (``True``: ``{}``), or ``None`` (off)."""
     if value is None or value is False:
@@ -176,6 +210,7 @@ def _logical_option(value: object, pattern: str) -> Mapping[str, str] | None:
         return {}
     if isinstance(value, Mapping):
         return value
+    reject_length("logical_axes", value, f"pattern {pattern!r}")
     raise EinMixError(
         f"logical_axes must be None, True or a dict from axis names to logical names, like "
         f"{{'c': 'embed'}}, got {value!r} (pattern {pattern!r})"
@@ -183,17 +218,20 @@ def _logical_option(value: object, pattern: str) -> Mapping[str, str] | None:
 
 
 def _options_repr(module: Any) -> list[str]:
-    """``name=value`` for the dtype/precision options that differ from their defaults."""
-    out = []
-    if module.dtype is not None:
-        out.append(f"dtype={jnp.dtype(module.dtype).name}")
-    if jnp.dtype(module.param_dtype) != jnp.float32:
-        out.append(f"param_dtype={jnp.dtype(module.param_dtype).name}")
-    if module.precision is not None:
-        out.append(f"precision={module.precision!r}")
-    if module.preferred_element_type is not None:
-        out.append(f"preferred_element_type={jnp.dtype(module.preferred_element_type).name}")
-    return out
+    """``name=value`` for the options that differ from their defaults, as the core prints them."""
+    options = {
+        "dtype": module.dtype,
+        "param_dtype": module.param_dtype,
+        "precision": module.precision,
+        "weight_init": module.weight_init,
+        "bias_init": module.bias_init,
+        "dot_general": module.dot_general,
+        "preferred_element_type": module.preferred_element_type,
+    }
+    for name in ("dtype", "param_dtype", "preferred_element_type"):
+        if options[name] is not None:
+            options[name] = np.dtype(jnp.dtype(options[name]))
+    return options_repr(options)
 
 
 def from_einops(variables: Mapping[str, Any], layer: Any) -> dict[str, Any]:
@@ -217,9 +255,7 @@ def from_einops(variables: Mapping[str, Any], layer: Any) -> dict[str, Any]:
     if "params" not in variables:
         return from_einops({"params": variables}, layer)["params"]
     sizes = getattr(layer, "sizes", None) or {}
-    core = _core.layer(
-        layer.pattern, weight_shape=layer.weight_shape, bias_shape=layer.bias_shape, **sizes
-    )
+    core = _core.layer(layer.pattern, layer.weight_shape, layer.bias_shape, sizes=dict(sizes))
     plan = core.plan
     params = dict(variables["params"])
     context = plan.context()

@@ -18,7 +18,9 @@ from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _core
+from ._errors import EinMixError
 from ._init import Initializer
+from ._options import axes_repr, options_repr, reject_length
 from ._shard import param_axes
 from .linen import _logical_option
 
@@ -33,6 +35,9 @@ class EinMix(nnx.Module):
         weight_shape: the weight's axes, e.g. ``'h c d'``; ``None`` infers them (see
             :func:`einmix_jax.init`).
         bias_shape: the bias's axes, e.g. ``'h d'``; ``None``: no bias (``self.bias`` is ``None``).
+            ``weight_shape`` and ``bias_shape`` may be positional, as in einops' torch layer.
+        sizes: axis lengths as a mapping, beside ``**axes``; for any axis name, also one that is
+            an argument's name (``sizes={'rngs': 4}``).
         param_dtype: dtype of the stored params.
         dtype: computation dtype; ``None`` promotes the input's and the params' dtypes.
         precision: passed to the contraction.
@@ -85,9 +90,10 @@ class EinMix(nnx.Module):
         self,
         pattern: str,
         /,
-        *,
         weight_shape: str | None = None,
         bias_shape: str | None = None,
+        *,
+        sizes: Mapping[str, int] | None = None,
         param_dtype: DTypeLike = jnp.float32,
         dtype: DTypeLike | None = None,
         precision: Any = None,
@@ -99,11 +105,17 @@ class EinMix(nnx.Module):
         rngs: nnx.Rngs,
         **axes: int,
     ) -> None:
+        context = f"pattern {pattern!r}"
+        reject_length("rngs", rngs, context)
+        reject_length("logical_axes", logical_axes, context)
+        if not isinstance(rngs, nnx.Rngs):
+            raise EinMixError(f"rngs must be an nnx.Rngs, got {rngs!r} ({context})")
         #: The functional layer (static: part of the graph definition, not of the state).
         self.functional = _core.layer(
             pattern,
-            weight_shape=weight_shape,
-            bias_shape=bias_shape,
+            weight_shape,
+            bias_shape,
+            sizes=sizes,
             param_dtype=param_dtype,
             dtype=dtype,
             precision=precision,
@@ -130,15 +142,18 @@ class EinMix(nnx.Module):
         args = [repr(plan.pattern), f"weight_shape={plan.weight_shape!r}"]
         if plan.bias_shape is not None:
             args.append(f"bias_shape={plan.bias_shape!r}")
-        args += [f"{name}={length}" for name, length in plan.axes]
-        if core.dtype is not None:
-            args.append(f"dtype={core.dtype.name}")
-        if core.param_dtype != jnp.float32:
-            args.append(f"param_dtype={core.param_dtype.name}")
-        if core.precision is not None:
-            args.append(f"precision={core.precision!r}")
-        if core.preferred_element_type is not None:
-            args.append(f"preferred_element_type={core.preferred_element_type.name}")
+        args += axes_repr(plan.axes)
+        args += options_repr(
+            {
+                "param_dtype": core.param_dtype,
+                "dtype": core.dtype,
+                "precision": core.precision,
+                "preferred_element_type": core.preferred_element_type,
+                "dot_general": core.dot_general,
+                "weight_init": core.weight_init,
+                "bias_init": core.bias_init,
+            }
+        )
         if self.logical_axes is not None:
             args.append(f"logical_axes={dict(self.logical_axes)!r}")
         return f"EinMix({', '.join(args)})"
@@ -159,7 +174,7 @@ class EinMix(nnx.Module):
             params["bias"] = self.bias[...]
         return params
 
-    def set_params(self, params: _core.Params) -> None:
+    def set_params(self, params: Mapping[str, Any]) -> None:
         """Load a functional params dict (from :func:`einmix_jax.init`, linen or einops' converter).
 
         Example:

@@ -574,6 +574,13 @@ def test_axes_read_off_the_input_may_be_named_like_options():
     assert d.layer.param_shapes == {"weight": (3, 4)}
 
 
+@pytest.mark.parametrize("name", ["plan", "out_sharding", "logical_axes", "rngs", "key", "pattern"])
+def test_names_that_are_not_options_of_layer_and_init_are_plain_keywords(name):
+    params, _ = em.init(f"b {name} -> b d", jax.random.key(0), d=2, **{name: 3})
+    assert params["weight"].shape == (3, 2)
+    assert em.layer(f"b c -> b {name}", c=2, **{name: 3}).param_shapes == {"weight": (2, 3)}
+
+
 def test_a_length_given_twice_is_refused():
     with pytest.raises(em.EinMixError, match=r"axis 'c'.*given twice"):
         em.layer("b c -> b d", sizes={"c": 3}, c=3, d=4)

@@ -119,9 +119,8 @@ def test_size_errors_name_the_axis():
     groups = EinMix("b (h c) -> b (h d)", "h c d", sizes={"d": 2})
     with pytest.raises(einops.EinopsError, match=r"'h', 'c'"):
         groups.init(jax.random.key(0), jnp.ones((2, 6)))
-    bad = EinMix("b c -> b d", "c d", sizes={"d": 0})
     with pytest.raises(einops.EinopsError, match=r"axis 'd': length must be a positive integer"):
-        bad.init(jax.random.key(0), jnp.ones((2, 3)))
+        EinMix("b c -> b d", "c d", sizes={"d": 0})  # refused when the module is built
     # A trained layer fed an input with another feature length: the stored weight fixes 'c'.
     for logical in (None, True):
         layer = EinMix("b (h c) -> b (h d)", "h c d", sizes={"h": 3, "d": 2}, logical_axes=logical)
@@ -139,7 +138,7 @@ def test_hashable_cloneable_static():
     assert layer.sizes == {"d": 3}
     assert repr(layer) == "EinMix('b c -> b d', 'c d', 'd', sizes={'d': 3})"
     assert repr(EinMix("b c -> b d", sizes={"d": 3}, dtype=jnp.bfloat16)) == (
-        "EinMix('b c -> b d', sizes={'d': 3}, dtype=bfloat16)"
+        "EinMix('b c -> b d', sizes={'d': 3}, dtype='bfloat16')"
     )
     with pytest.raises(TypeError):
         hash(einops.layers.flax.EinMix("b c -> b d", "c d", sizes={"c": 2, "d": 3}))
@@ -556,3 +555,85 @@ def test_parenthesised_weight_axes_are_refused():
         layer = EinMix("b c -> b d", weight_shape, sizes={"d": 3})
         with pytest.raises(em.EinMixError, match=r"parentheses .*weight_shape"):
             layer.init(jax.random.key(0), jnp.ones((2, 4)))
+
+
+FIELDS = [
+    "pattern",
+    "weight_shape",
+    "bias_shape",
+    "sizes",
+    "dtype",
+    "param_dtype",
+    "precision",
+    "weight_init",
+    "bias_init",
+    "dot_general",
+    "preferred_element_type",
+    "logical_axes",
+]
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_axes_named_like_fields(name):
+    x = _x((2, 3))
+    read = EinMix(f"b {name} -> b d", sizes={"d": 4})  # read off the input
+    given = EinMix(f"b c -> b {name}", sizes={name: 4})  # given in sizes
+    for layer in (read, given):
+        variables = layer.init(jax.random.key(0), x)
+        weight = variables["params"]["weight"]
+        assert weight.shape == (3, 4)
+        expected = reference_einmix("b c -> b d", "c d", None, x, weight, None, {"c": 3, "d": 4})
+        np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (dict(sizes=[("d", 3)]), r"sizes must be a mapping"),
+        (dict(sizes={"d": "3"}), r"axis 'd': length must be a positive integer"),
+        (dict(sizes={"d": 0}), r"axis 'd': length must be a positive integer"),
+        (dict(dtype="garbage"), r"dtype must be a floating dtype"),
+        (dict(param_dtype=jnp.int32), r"param_dtype must be a floating dtype"),
+        (dict(precision="garbage"), r"precision .*'garbage'"),
+        (dict(weight_init=3.0), r"weight_init must be a callable"),
+        (dict(dot_general=None), r"dot_general must be a callable"),
+    ],
+)
+def test_invalid_fields_raise_at_construction(options, match):
+    with pytest.raises(em.EinMixError, match=match):
+        EinMix("b c -> b d", **{"sizes": {"d": 3}, **options})
+
+
+def test_sizes_none_is_no_sizes():
+    layer = EinMix("b c -> b d", sizes=None)
+    assert layer == EinMix("b c -> b d") and hash(layer) == hash(EinMix("b c -> b d"))
+
+
+def test_shape_errors_are_the_functional_forms():
+    x = _x((2, 3, 4))
+    # a bias axis read off the input at init, then another length at apply
+    layer = EinMix("b t c -> b t d", "c d", "t d", sizes={"d": 2})
+    variables = layer.init(jax.random.key(0), x)
+    with pytest.raises(em.EinMixError, match=r"axis 't': expected 3, got 5"):
+        layer.apply(variables, _x((2, 5, 4)))
+    params = variables["params"]
+    functional = em.layer("b t c -> b t d", "c d", "t d", t=3, c=4, d=2)
+    cases = {
+        "weight of the wrong rank": (
+            {**params, "weight": params["weight"].reshape(-1)},
+            r"params\['weight'\] has shape \(8,\), expected \(4, 2\) for 'c d'",
+        ),
+        "missing bias": (
+            {"weight": params["weight"]},
+            r"params has entries \['weight'\], expected \['bias', 'weight'\]",
+        ),
+        "extra params": (
+            {**params, "scale": params["bias"]},
+            r"params has entries \['bias', 'scale', 'weight'\]",
+        ),
+    }
+    for bad, match in cases.values():
+        with pytest.raises(em.EinMixError, match=match):
+            functional(bad, x)
+        with pytest.raises(em.EinMixError, match=match):
+            layer.apply({"params": bad}, x)

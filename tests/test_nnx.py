@@ -112,7 +112,7 @@ def test_repr_shows_the_configuration():
         repr(layer) == "EinMix('b t c -> b t d', weight_shape='c d', bias_shape='d', c=64, d=128)"
     )
     options = EinMix("b c -> b d", c=2, d=3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    assert repr(options) == "EinMix('b c -> b d', weight_shape='c d', c=2, d=3, dtype=bfloat16)"
+    assert repr(options) == "EinMix('b c -> b d', weight_shape='c d', c=2, d=3, dtype='bfloat16')"
 
 
 def test_configuration_errors_name_the_axis():
@@ -441,3 +441,36 @@ def test_params_in_any_mapping():
     other = EinMix("b c -> b d", bias_shape="d", c=4, d=3, rngs=nnx.Rngs(1))
     other.set_params(FrozenDict(params))
     np.testing.assert_allclose(other(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_and_bias_shape_positional_as_in_einops_torch_layer():
+    layer = EinMix("b c -> b d", "d c", "d", c=3, d=4, rngs=nnx.Rngs(0))
+    assert layer.functional == em.layer("b c -> b d", weight_shape="d c", bias_shape="d", c=3, d=4)
+    assert (layer.weight.shape, layer.bias.shape) == ((4, 3), (4,))
+
+
+@pytest.mark.parametrize("name", ["rngs", "logical_axes", "dtype", "weight_shape", "sizes"])
+def test_any_axis_name_through_sizes(name):
+    layer = EinMix(f"b c -> b {name}", sizes={name: 4}, c=3, rngs=nnx.Rngs(0))
+    assert layer.weight.shape == (3, 4)
+    x = _x((2, 3))
+    expected = reference_einmix(
+        "b c -> b d", "c d", None, x, layer.weight[...], None, {"c": 3, "d": 4}
+    )
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rngs", "logical_axes", "dtype", "precision", "weight_shape"])
+def test_axis_length_given_as_an_option_says_to_use_sizes(name):
+    options = {"rngs": nnx.Rngs(0), name: 4}
+    with pytest.raises(em.EinMixError, match=rf"{name}=4.*sizes=\{{'{name}': 4\}}"):
+        EinMix(f"b c -> b {name}", c=3, **options)
+
+
+def test_repr_shows_custom_hooks_and_axes_named_like_options():
+    def zeros(key, shape, dtype):
+        return jnp.zeros(shape, dtype)
+
+    layer = EinMix("b c -> b dtype", sizes={"dtype": 4}, c=3, weight_init=zeros, rngs=nnx.Rngs(0))
+    text = repr(layer)
+    assert "sizes={'dtype': 4, 'c': 3}" in text and f"weight_init={zeros!r}" in text
