@@ -137,7 +137,7 @@ def check_options(
         "preferred_element_type": float_dtype(
             "preferred_element_type", preferred_element_type, context, optional=True
         ),
-        "dot_general": hook_option("dot_general", dot_general, context, optional=False),
+        "dot_general": hook_option("dot_general", dot_general, context, optional=True),
         "weight_init": hook_option("weight_init", weight_init, context, optional=True),
         "bias_init": hook_option("bias_init", bias_init, context, optional=True),
     }

@@ -596,7 +596,7 @@ def test_axes_named_like_fields(name):
         (dict(param_dtype=jnp.int32), r"param_dtype must be a floating dtype"),
         (dict(precision="garbage"), r"precision .*'garbage'"),
         (dict(weight_init=3.0), r"weight_init must be a callable"),
-        (dict(dot_general=None), r"dot_general must be a callable"),
+        (dict(dot_general="dot"), r"dot_general must be a callable"),
     ],
 )
 def test_invalid_fields_raise_at_construction(options, match):
