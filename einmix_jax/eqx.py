@@ -19,6 +19,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from . import _core
 from ._init import Initializer
+from ._options import reject_length
 
 __all__ = ["EinMix"]
 
@@ -78,11 +79,12 @@ class EinMix(eqx.Module):
         sizes: Mapping[str, int] | None = None,
         **axes: int,
     ) -> None:
-        axes = {**(sizes or {}), **axes}
+        reject_length("key", key, f"pattern {pattern!r}")
         self.functional = _core.layer(
             pattern,
-            weight_shape=weight_shape,
-            bias_shape=bias_shape,
+            weight_shape,
+            bias_shape,
+            sizes=sizes,
             param_dtype=param_dtype,
             dtype=dtype,
             precision=precision,

@@ -11,6 +11,7 @@ import pytest
 
 import einmix_jax as em
 
+from .reference import reference_einmix
 from .test_core import CASES, Case
 
 eqx = pytest.importorskip("equinox")
@@ -150,3 +151,21 @@ def test_optax_training_fits_a_linear_target():
         for _ in range(150):
             model, state, _ = step(model, state)
     assert float(loss(model)) < 1e-3 * first
+
+
+@pytest.mark.parametrize("name", ["dtype", "key", "sizes", "weight_shape", "precision"])
+def test_any_axis_name_through_sizes(name):
+    layer = em.eqx.EinMix(f"b c -> b {name}", sizes={"c": 4, name: 3}, key=jax.random.key(0))
+    assert layer.weight.shape == (4, 3)
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    expected = reference_einmix(
+        "b c -> b d", "c d", None, x, np.asarray(layer.weight), None, {"c": 4, "d": 3}
+    )
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dtype", "key", "precision"])
+def test_axis_length_given_as_an_option_says_to_use_sizes(name):
+    options = {"key": jax.random.key(0), name: 3}
+    with pytest.raises(em.EinMixError, match=rf"{name}=3.*sizes=\{{'{name}': 3\}}"):
+        em.eqx.EinMix(f"b c -> b {name}", c=4, **options)
