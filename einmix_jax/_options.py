@@ -56,10 +56,11 @@ def float_dtype(name: str, value: Any, context: str, *, optional: bool) -> np.dt
     except (TypeError, ValueError):
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        why = "" if dtype is None else ": an integer or bool dtype would truncate the float params"
         got = repr(value) if dtype is None else dtype.name
         raise EinMixError(
-            f"{name} must be a floating dtype such as jnp.float32 or 'bfloat16', got {got}: integer "
-            f"and bool dtypes would truncate the float params ({context})"
+            f"{name} must be a floating dtype such as jnp.float32 or 'bfloat16', got {got}{why} "
+            f"({context})"
         )
     return dtype
 
