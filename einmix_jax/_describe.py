@@ -182,9 +182,7 @@ def describe(
     if isinstance(layer_or_pattern, str):
         context = describe_call(layer_or_pattern, weight_shape, bias_shape)
         given = normalize_axes(merge_sizes(sizes, axes, context), context)
-        completed = param_sizes_from_input(
-            layer_or_pattern, weight_shape, bias_shape, given, shape
-        )
+        completed = param_sizes_from_input(layer_or_pattern, weight_shape, bias_shape, given, shape)
         mix = layer(layer_or_pattern, weight_shape, bias_shape, sizes=dict(completed))
         weight_as_stored = False
     else:
