@@ -177,7 +177,7 @@ class EinMix(nn.Module):
         functional form's ``EinMixError``, not a Flax error. Entries named ``weight_*`` or
         ``bias_*`` are left to the tools that add them (qwix's LoRA factors ``weight_lora_a``).
         """
-        shapes = None
+        shapes, own = None, {}
         if not self.is_mutable_collection("params") or self.has_variable("params", "weight"):
             stored = dict(self.variables.get("params", {}))  # apply: the params fix the lengths
             own = {k: v for k, v in stored.items() if not k.startswith(("weight_", "bias_"))}
