@@ -1,17 +1,22 @@
 """Execution: the pure functional EinMix -- ``init`` -> params dict, ``apply(params, x)``.
 
 ``EinMix`` is a hashable description of one layer (plan + dtype options + initializers). Its
-``__call__`` runs a single module-level ``jax.jit`` with the layer as a static argument, so every
-layer with the same configuration shares one compiled function per input shape and dtype.
+``__call__`` validates the params, plans the lowering for the input's shape and runs the jitted
+function of that computation, kept in a bounded LRU (:data:`COMPILED_APPLIES`): layers that compute
+the same thing share one compiled function per input shape and dtype, and no initializer or layer
+is kept alive by it. The Flax and Equinox layers run :func:`apply_traced`, with no jit of their
+own.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -231,8 +236,22 @@ class EinMix:
         return params
 
     def __call__(self, params: Mapping[str, Any], x: ArrayLike) -> jax.Array:
-        """Apply the layer: ``y = rearrange(contract(rearrange(x), weight) + bias)``."""
-        return _apply_jit(_entries(self, params), x, layer=self)
+        """Apply the layer: ``y = rearrange(contract(rearrange(x), weight) + bias)``.
+
+        Runs the compiled function of what this call computes (see :data:`COMPILED_APPLIES`):
+        layers that compute the same thing share it, whatever their axis names or initializers.
+        """
+        weight, bias = _check_params(self, _entries(self, params))  # errors before any trace
+        x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+        if self.out_sharding is not None or explicit_mesh_active():
+            # the mesh rules need the plan: one computation per layer (its initializers dropped)
+            key = _Computation.of(
+                self, None, dataclasses.replace(self, weight_init=None, bias_init=None)
+            )
+        else:
+            key = _Computation.of(self, lower(self.plan, tuple(x.shape)), None)
+        params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        return _COMPILED(key)(params, x)
 
 
 def _checked(value: Any, layer: EinMix, name: str) -> jax.Array:
@@ -368,7 +387,27 @@ def _apply(
     weight, bias = _check_params(layer, params)
     x = jnp.asarray(x)
     low = lower(layer.plan, tuple(x.shape), stored_weight=stored_weight)
-    dtype = layer.dtype
+    return _compute(low, layer, weight, bias, x)
+
+
+class _Options(Protocol):
+    """What the computation reads of a layer besides the lowering."""
+
+    @property
+    def dtype(self) -> np.dtype | None: ...
+    @property
+    def precision(self) -> Any: ...
+    @property
+    def preferred_element_type(self) -> np.dtype | None: ...
+    @property
+    def dot_general(self) -> DotGeneral | None: ...
+
+
+def _compute(
+    low: Lowering, options: _Options, weight: Any, bias: jax.Array | None, x: jax.Array
+) -> jax.Array:
+    """The dtype rule, then the lowering's steps (:func:`execute`), on checked params."""
+    dtype = options.dtype
     if dtype is None:  # the layer's own rule, also under jax_numpy_dtype_promotion='strict'
         # a quantized weight container counts with the dtype it stands for
         operands = [p if _is_array(p) else p.dtype for p in (weight, bias) if p is not None]
@@ -379,12 +418,84 @@ def _apply(
     x = x.astype(dtype)
     if _is_array(weight) and weight.dtype != dtype:  # a container is the tool's to convert
         weight = weight.astype(dtype)
-    y = execute(low, x, weight, layer, bias)
+    y = execute(low, x, weight, options, bias)
     return y.reshape(low.out_shape)
 
 
+#: The most compiled functional applies the library keeps at once: one per distinct computation
+#: (lowering, dtype options and contraction) that has been applied, least recently used dropped
+#: first, with its traces and compiled code. A layer's initializers and names are not part of
+#: it, so a deleted layer leaves nothing behind.
+COMPILED_APPLIES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Computation:
+    """What one functional apply computes, and nothing more: the key of its compiled function.
+
+    Layers that differ only in axis names, keyword order, pattern spacing or initializers have
+    equal lowerings (which hold no names) and so share one compiled function.
+    """
+
+    lowering: Lowering | None  #: None when the mesh rules decide inside the trace (``sharded``)
+    dtype: np.dtype | None
+    precision: Any
+    preferred_element_type: np.dtype | None
+    dot_key: Any  #: what ``dot_general`` compares by (a partial: its function and arguments)
+    sharded: EinMix | None  #: the layer, initializers dropped, when mesh rules apply
+    dot_general: DotGeneral | None = dataclasses.field(compare=False)
+
+    @classmethod
+    def of(cls, layer: EinMix, low: Lowering | None, sharded: EinMix | None) -> _Computation:
+        return cls(
+            low,
+            layer.dtype,
+            layer.precision,
+            layer.preferred_element_type,
+            hook_key(layer.dot_general),
+            sharded,
+            layer.dot_general,
+        )
+
+    def __call__(self, params: Params, x: jax.Array) -> jax.Array:
+        """The traced body of the compiled apply."""
+        if self.sharded is not None:
+            return apply_sharded(_apply, params, x, self.sharded)
+        assert self.lowering is not None
+        return _compute(self.lowering, self, params["weight"], params.get("bias"), x)
+
+
+class _CompiledApplies:
+    """A bounded LRU of ``jax.jit`` functions, one per :class:`_Computation`."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._jitted: collections.OrderedDict[_Computation, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, key: _Computation) -> Any:
+        with self._lock:
+            jitted = self._jitted.get(key)
+            if jitted is None:
+                jitted = self._jitted[key] = jax.jit(key)
+            self._jitted.move_to_end(key)
+            while len(self._jitted) > self.maxsize:
+                self._jitted.popitem(last=False)
+            return jitted
+
+    def __len__(self) -> int:
+        return len(self._jitted)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._jitted.clear()
+
+
+_COMPILED = _CompiledApplies(COMPILED_APPLIES)
+
+
 def execute(
-    low: Lowering, x: jax.Array, weight: jax.Array, layer: EinMix, bias: jax.Array | None = None
+    low: Lowering, x: jax.Array, weight: jax.Array, layer: _Options, bias: jax.Array | None = None
 ) -> jax.Array:
     """Run a lowering: the contraction and the bias add; returns the output with groups split."""
     x = x.reshape(low.x_flat_shape)
@@ -426,9 +537,6 @@ def _apply_maybe_sharded(
     if layer.out_sharding is not None or explicit_mesh_active():
         return apply_sharded(compute, params, x, layer)
     return compute(params, x, layer=layer)
-
-
-_apply_jit = jax.jit(_apply_maybe_sharded, static_argnames=("layer",))
 
 
 def apply_traced(

@@ -114,7 +114,11 @@ class Lowering:
     #: x_dot_shape's first dimension is iterated over (``lax.map``); ``dimension_numbers`` and
     #: ``w_dot_shape`` are those of one iteration, whose results are stacked in front
     loop: bool
-    flat_axes: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]  #: x, w, out axis names
+    #: x, w, out axis names, for describe(); not compared: lowerings that differ only in names
+    #: compute the same thing (and share one compiled apply)
+    flat_axes: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = dataclasses.field(
+        compare=False
+    )
 
 
 #: A loop copies each slice of x in and each slice of the result out (``dynamic_slice`` and

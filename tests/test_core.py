@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
+import weakref
 from collections.abc import Mapping
 
 import chex
@@ -360,20 +362,118 @@ def test_plan_is_parsed_once_per_configuration():
     assert apply.plan is em.layer("q c -> q e", **config).plan
 
 
-def test_no_retrace_on_a_second_apply_with_the_same_shapes():
+@pytest.fixture
+def traces(monkeypatch):
+    """Count the traces of the functional apply (each one runs ``execute`` once), from empty."""
+    calls = []
+    real = _core.execute
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_core, "execute", counting)
+    _core._COMPILED.clear()
+    return calls
+
+
+def test_no_retrace_on_a_second_apply_with_the_same_shapes(traces):
     config = dict(weight_shape="c e", bias_shape="e", c=3, e=9)
     params, apply = em.init("q c -> q e", jax.random.key(0), **config)
     apply(params, _normal((2, 3)))
-    size = _core._apply_jit._cache_size()
     lowered = _lower.lower.cache_info()
     apply(params, _normal((2, 3), seed=1))
     other_params, other = em.init("q c -> q e", jax.random.key(1), **config)  # an equal layer
     assert other == apply and hash(other) == hash(apply)
     other(other_params, _normal((2, 3), seed=2))
-    assert _core._apply_jit._cache_size() == size
+    assert len(traces) == len(_core._COMPILED) == 1
     assert _lower.lower.cache_info().misses == lowered.misses
     apply(params, _normal((4, 3)))  # a new input shape compiles once more
-    assert _core._apply_jit._cache_size() == size + 1
+    assert len(traces) == len(_core._COMPILED) == 2
+
+
+def _ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def test_layers_computing_the_same_thing_share_one_compile(traces):
+    x = _normal((2, 3))
+    reference = None
+    variants = [
+        em.layer("b c -> b d", c=3, d=4),
+        em.layer("b c -> b d", d=4, c=3),  # keyword order
+        em.layer("  b   c ->b d ", c=3, d=4),  # pattern spacing
+        em.layer("n k -> n m", k=3, m=4),  # renamed axes
+        em.layer("b c -> b d", c=3, d=4, weight_init=_ones),  # another initializer
+    ]
+    params = variants[0].init(jax.random.key(0))
+    for mix in variants:
+        y = mix(params, x)
+        reference = y if reference is None else reference
+        np.testing.assert_array_equal(y, reference)
+    assert len(traces) == len(_core._COMPILED) == 1
+    assert variants[4] != variants[0]  # unequal layers (inits differ), one computation
+    em.layer("b c -> b d", c=3, d=4, dtype=jnp.bfloat16)(params, x)  # another computation
+    assert len(traces) == 2
+
+
+def test_partial_hooks_built_per_call_do_not_retrace(traces):
+    x = _normal((2, 3))
+    params = em.layer("b c -> b d", c=3, d=4).init(jax.random.key(0))
+    for _ in range(5):
+        hook = functools.partial(lax.dot_general, precision=lax.Precision.HIGHEST)
+        em.layer("b c -> b d", c=3, d=4, dot_general=hook)(params, x)
+    assert len(traces) == 1
+
+
+def test_linen_partial_hook_applied_eagerly_compiles_nothing_of_ours(traces):
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            hook = functools.partial(lax.dot_general, precision=lax.Precision.HIGHEST)
+            return em.linen.EinMix("b c -> b d", "c d", sizes={"d": 4}, dot_general=hook)(x)
+
+    x = _normal((2, 3))
+    variables = Model().init(jax.random.key(0), x)
+    for _ in range(10):
+        Model().apply(variables, x)
+    assert len(_core._COMPILED) == 0  # the Flax layers run inside the caller's trace, no jit
+
+
+def test_a_deleted_layer_frees_what_its_initializer_captured(traces):
+    class Big:
+        data = np.zeros(1000)
+
+    captured = Big()
+    ref = weakref.ref(captured)
+
+    def init(key, shape, dtype, big=captured):
+        return jnp.full(shape, float(big.data[0]), dtype)
+
+    mix = em.layer("b c -> b d", c=3, d=4, weight_init=init)
+    params = mix.init(jax.random.key(0))
+    mix(params, _normal((2, 3)))
+    jax.jit(mix)(params, _normal((2, 3)))  # also under the user's jit
+    del mix, init, captured
+    gc.collect()
+    assert ref() is None
+
+
+def test_compiled_applies_are_bounded_least_recently_used_first(traces, monkeypatch):
+    monkeypatch.setattr(_core._COMPILED, "maxsize", 3)
+    x = _normal((2, 3))
+    layers = [em.layer("b c -> b d", c=3, d=d) for d in range(1, 6)]
+    jitted = []
+    for mix in layers:
+        mix(mix.init(jax.random.key(0)), x)
+        jitted.append(weakref.ref(next(reversed(_core._COMPILED._jitted.values()))))
+        assert len(_core._COMPILED) <= 3
+    gc.collect()
+    assert [ref() is None for ref in jitted] == [True, True, False, False, False]
+    layers[2](layers[2].init(jax.random.key(0)), x)  # still compiled: no new trace
+    assert len(traces) == 5
 
 
 # --- equality -----------------------------------------------------------------------------
