@@ -309,7 +309,7 @@ def restore_checkpoint(directory: Path, shardings: dict, lr: float) -> tuple[Par
     return restored["params"], restored["opt_state"]
 
 
-def restore_main(directory: Path, verbose: bool = True) -> dict:
+def restore_main(directory: Path, verbose: bool = True, reference: bool = True) -> dict:
     """Restore every run saved under ``directory`` onto 1 device and onto an (8,) 'model' mesh."""
     results = {}
     runs = sorted(p.parent for p in directory.glob("*/run.json"))
@@ -318,7 +318,8 @@ def restore_main(directory: Path, verbose: bool = True) -> dict:
     model_mesh = jax.make_mesh((jax.device_count(),), ("model",), axis_types=(AxisType.Auto,))
     for run in runs:
         info = json.loads((run / "run.json").read_text())
-        _, ref_params, ref_state = train_single(info["steps"], info["lr"], info["seed"])
+        if reference:
+            _, ref_params, ref_state = train_single(info["steps"], info["lr"], info["seed"])
         layouts = {
             "1 device": target_shardings(None, {}),
             f"mesh {dict(model_mesh.shape)}": target_shardings(
@@ -333,11 +334,13 @@ def restore_main(directory: Path, verbose: bool = True) -> dict:
             ):
                 assert value.sharding.is_equivalent_to(sharding, value.ndim), (layout, value)
             restored[layout] = (params, state)
-            assert_trees_close((params, state), (ref_params, ref_state))
+            if reference:
+                assert_trees_close((params, state), (ref_params, ref_state))
             if verbose:
                 where = getattr(params["channel_up"]["weight"].sharding, "spec", "one device")
+                agree = f"equal the 1-device run (rtol {RTOL})" if reference else "restored"
                 print(f"{run.name}: restored onto {layout} (channel_up.weight: {where}); "
-                      f"params and Adam state equal the 1-device run (rtol {RTOL})")  # fmt: skip
+                      f"params and Adam state {agree}")  # fmt: skip
         (a, b) = restored.values()
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -359,14 +362,14 @@ def worker_main(args: argparse.Namespace, verbose: bool) -> dict:
         )
         gathered = gather({"params": params, "opt_state": state})  # every process takes part
         single_losses: list[float] = []
-        if jax.process_index() == 0:  # the 1-device reference, once
+        if jax.process_index() == 0 and args.reference:  # the 1-device reference, once
             single_losses, single_params, single_state = train_single(
                 args.steps, args.lr, args.seed
             )
             np.testing.assert_allclose(losses, single_losses, rtol=RTOL)
             assert_trees_close(gathered["params"], single_params)
             assert_trees_close(gathered["opt_state"], single_state)
-        if verbose:
+        if verbose and single_losses:
             print(f"\n1 device: final loss {single_losses[-1]:.6f}; sharded and 1-device runs "
                   f"agree (rtol {RTOL})\n")  # fmt: skip
         if args.checkpoint is not None:
@@ -530,6 +533,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="mesh axis types to train with, in turn (default: auto)")  # fmt: skip
     parser.add_argument("--checkpoint", type=Path, help="save (or, with --restore, load) here")
     parser.add_argument("--restore", action="store_true", help="restore --checkpoint and check it")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip the 1-device run the results are checked against")  # fmt: skip
     parser.add_argument("--worker", action="store_true", help="run as one process of many")
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # a worker's .npz, for tests
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)  # set by the local launcher
@@ -553,6 +558,8 @@ def main(argv: Sequence[str] | None = None, verbose: bool = True) -> dict:
     if args.processes is not None:
         forwarded = ["--steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed),
                      "--axis-types", *args.axis_types]  # fmt: skip
+        if not args.reference:
+            forwarded.append("--no-reference")
         if args.checkpoint is not None:
             forwarded += ["--checkpoint", str(args.checkpoint.resolve())]
         if args.result is not None:
@@ -566,15 +573,16 @@ def main(argv: Sequence[str] | None = None, verbose: bool = True) -> dict:
         wall = time.perf_counter() - start
         if verbose:
             print(outputs[0][0], end="")
+            agree = "all agree with 1 device" if args.reference else "done"
             print(f"{args.processes} process(es) x {DEVICES // args.processes} devices: "
-                  f"all agree with 1 device; wall time {wall:.1f} s")  # fmt: skip
+                  f"{agree}; wall time {wall:.1f} s")  # fmt: skip
         return {"outputs": outputs, "wall": wall}
     if jax.device_count() < DEVICES:
         raise SystemExit(
             f"needs {DEVICES} devices, found {jax.device_count()}: JAX started before XLA_FLAGS"
         )
     if args.restore:
-        return restore_main(args.checkpoint, verbose)
+        return restore_main(args.checkpoint, verbose, args.reference)
     results = worker_main(args, verbose)
     first = results[args.axis_types[0]]
     return {"losses": first["losses"], "single_losses": first["single_losses"],
