@@ -475,10 +475,13 @@ def _run_workers(
     flags = re.sub(
         r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
     )
+    # the workers import the einmix_jax this process imported (a source checkout, say)
+    path = [str(Path(em.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     env = {
         **os.environ,
         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES // processes}".strip(),
         "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
     }
     init_timeout = max(10, int(timeout / 2))
     with tempfile.TemporaryDirectory(prefix="einmix_workers_") as tmp:

@@ -128,7 +128,7 @@ def test_checkpoint_restores_onto_one_device(two_process_run):
 
 def test_checkpoint_restores_onto_a_model_mesh_in_one_process(two_process_run):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(EXAMPLE.parents[1])}  # fmt: skip
     command = [sys.executable, str(EXAMPLE), "--restore", "--no-reference", "--checkpoint",
                str(two_process_run["dir"] / "ckpt")]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
