@@ -230,11 +230,9 @@ def train_sharded(
         step = step.lower(params, state, x, y).compile()
         if verbose:
             print(f"collectives in the compiled train step: {collective_counts(step.as_text())}\n")
-        for i in range(steps):
+        for _ in range(steps):
             params, state, loss = step(params, state, x, y)
             losses.append(float(loss))
-            if verbose and (i % 5 == 0 or i == steps - 1):
-                print(f"step {i:3d}  loss {losses[-1]:.6f}")
     return losses, params, state
 
 
@@ -267,7 +265,8 @@ def save_checkpoint(directory: Path, params: Params, state: optax.OptState, info
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory.resolve() / "state", {"params": params, "opt_state": state})
+        state_dir = directory.resolve() / "state"  # replaced if there: a rerun overwrites
+        checkpointer.save(state_dir, {"params": params, "opt_state": state}, force=True)
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         (directory / "run.json").write_text(json.dumps(info))
@@ -369,9 +368,8 @@ def worker_main(args: argparse.Namespace, verbose: bool) -> dict:
             np.testing.assert_allclose(losses, single_losses, rtol=RTOL)
             assert_trees_close(gathered["params"], single_params)
             assert_trees_close(gathered["opt_state"], single_state)
-        if verbose and single_losses:
-            print(f"\n1 device: final loss {single_losses[-1]:.6f}; sharded and 1-device runs "
-                  f"agree (rtol {RTOL})\n")  # fmt: skip
+        if verbose:
+            print(loss_table(losses, single_losses))
         if args.checkpoint is not None:
             run = args.checkpoint / name
             info = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "axis_type": name}
@@ -391,6 +389,20 @@ def worker_main(args: argparse.Namespace, verbose: bool) -> dict:
         losses_of = {f"{name}/losses": np.asarray(r["losses"]) for name, r in results.items()}
         np.savez(args.result, **flat, **losses_of)
     return results
+
+
+def loss_table(losses: list[float], single_losses: list[float]) -> str:
+    """Every 5th step's loss, next to the 1-device run's when there is one."""
+    rows = ["step  sharded   1 device" if single_losses else "step  sharded"]
+    for i, loss in enumerate(losses):
+        if i % 5 == 0 or i == len(losses) - 1:
+            single = f"  {single_losses[i]:.6f}" if single_losses else ""
+            rows.append(f"{i:4d}  {loss:.6f}{single}")
+    if single_losses:
+        diff = max(abs(a - b) / abs(b) for a, b in zip(losses, single_losses, strict=True))
+        rows.append(f"sharded and 1-device runs agree (rtol {RTOL}; largest relative loss "
+                    f"difference {diff:.1e})")  # fmt: skip
+    return "\n".join(rows) + "\n"
 
 
 def flat_tree(tree: Any) -> list[tuple[str, np.ndarray]]:
@@ -574,8 +586,9 @@ def main(argv: Sequence[str] | None = None, verbose: bool = True) -> dict:
             print(f"skipped: {error}")
             return {"skipped": str(error)}
         wall = time.perf_counter() - start
-        if verbose:
-            print(outputs[0][0], end="")
+        if verbose:  # gloo's C++ code prints a line per connection to stdout
+            print("".join(line for line in outputs[0][0].splitlines(True)
+                          if not line.startswith("[Gloo]")), end="")  # fmt: skip
             agree = "all agree with 1 device" if args.reference else "done"
             print(f"{args.processes} process(es) x {DEVICES // args.processes} devices: "
                   f"{agree}; wall time {wall:.1f} s")  # fmt: skip
