@@ -510,6 +510,12 @@ def _divides(entry: MeshAxes, length: int, mesh_shape: Mapping[str, int]) -> Mes
 
     A dimension split over ``('data', 'model')`` is split over ``'data'`` first, so a prefix of
     its mesh axes that divides a group's first axis splits that axis into whole blocks.
+
+    Example:
+        >>> _divides(("data", "model"), 2, {"data": 2, "model": 4})
+        ('data',)
+        >>> _divides("model", 2, {"model": 4}) is None
+        True
     """
     axes = _flat(entry)
     kept = 0
