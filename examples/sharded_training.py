@@ -495,7 +495,7 @@ def _run_workers(
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(p for p in path if p),
     }
-    init_timeout = max(10, int(timeout / 2))
+    init_timeout = max(10, min(30, int(timeout / 2)))  # a hung peer fails the run in seconds
     with tempfile.TemporaryDirectory(prefix="einmix_workers_") as tmp:
         logs = [(Path(tmp) / f"{i}.out", Path(tmp) / f"{i}.err") for i in range(processes)]
         procs: list[subprocess.Popen] = []
