@@ -31,7 +31,13 @@ carries its sharding in its type, and a contraction over a sharded axis has no i
 sharding; EinMix then runs its contraction under ``jax.sharding.auto_axes`` and reshards the result
 to its output spec: the one the output sharding gives, else the one the names imply (each output
 axis keeps the mesh axes its name has in the input or the weight; axes summed over a sharded mesh
-axis are all-reduced). In a mesh that mixes both, only the explicit axes are handled this way.
+axis are all-reduced). An input group such as ``(h c)`` lends its mesh axes to ``h`` only as far
+as they split ``h`` into whole blocks (``h=2`` split over a mesh axis of size 4 lends nothing;
+over ``('data', 'model')`` with ``'data'=2`` it lends ``'data'``); what nothing implies is
+replicated. On a mesh that mixes both types, the output spec is split by axis type: its
+``Explicit`` mesh axes become the result's type as above, and, when the layer has an output
+sharding, its ``Auto`` mesh axes are then applied with ``with_sharding_constraint`` (dimensions it
+leaves open stay unconstrained). Without an output sharding the ``Auto`` axes are left to XLA.
 
 An output group such as ``(h d)`` is one array dimension, split into contiguous blocks: sharding
 it by ``h`` is such a split, sharding it by ``d`` is not (each device would need a slice of every
@@ -499,14 +505,46 @@ def _keep(entry: Any, keep: Sequence[str]) -> Any:
     return kept[0] if isinstance(entry, str) else kept
 
 
-def _derived(plan: Plan, x: jax.Array, weight: Any) -> dict[str, MeshAxes]:
-    """Axis name -> mesh axes read off the (explicitly sharded) types of the input and weight."""
-    _, n_ellipsis = resolve_sizes(plan, tuple(x.shape))
+def _divides(entry: MeshAxes, length: int, mesh_shape: Mapping[str, int]) -> MeshAxes:
+    """The leading mesh axes of ``entry`` whose product divides ``length`` (None if none do).
+
+    A dimension split over ``('data', 'model')`` is split over ``'data'`` first, so a prefix of
+    its mesh axes that divides a group's first axis splits that axis into whole blocks.
+
+    Example:
+        >>> _divides(("data", "model"), 2, {"data": 2, "model": 4})
+        ('data',)
+        >>> _divides("model", 2, {"model": 4}) is None
+        True
+    """
+    axes = _flat(entry)
+    kept = 0
+    while kept < len(axes) and length % math.prod(mesh_shape[a] for a in axes[: kept + 1]) == 0:
+        kept += 1
+    if not kept:
+        return None
+    return axes[0] if isinstance(entry, str) else axes[:kept]
+
+
+def _derived(
+    plan: Plan, x: jax.Array, weight: Any, mesh_shape: Mapping[str, int]
+) -> dict[str, MeshAxes]:
+    """Axis name -> mesh axes read off the (explicitly sharded) types of the input and weight.
+
+    An input group such as ``(h c)`` credits its mesh axes to its leading (non-unit) axis only as
+    far as they split that axis into whole blocks: ``(h c)`` with ``h=2`` split over a mesh axis
+    of size 4 says nothing about ``h`` alone.
+    """
+    sizes, n_ellipsis = resolve_sizes(plan, tuple(x.shape))
     names: dict[str, MeshAxes] = {}
     x_spec = list(jax.typeof(x).sharding.spec)
     for group, entry in zip(expand_groups(plan.left, n_ellipsis), x_spec, strict=False):
-        if group and entry is not None:
-            names.setdefault(group[0], entry)
+        if not group or entry is None:
+            continue
+        head = next((a for a in group if sizes[a] != 1), group[0])
+        credited = _divides(entry, sizes[head], mesh_shape)
+        if credited is not None:
+            names.setdefault(head, credited)
     if isinstance(weight, jax.Array) or hasattr(weight, "aval"):
         w_spec = list(jax.typeof(weight).sharding.spec)
         for axis, entry in zip(plan.weight_axes, w_spec, strict=False):
@@ -523,7 +561,8 @@ def apply_sharded(
     * no mesh set: ``compute`` as is;
     * ``Explicit`` mesh axes: ``compute`` under ``jax.sharding.auto_axes``, its result resharded
       to the output spec (from the layer's output sharding, the rest from the names);
-    * ``Auto`` axes and an output sharding: ``with_sharding_constraint`` on the result.
+    * ``Auto`` axes and an output sharding: ``with_sharding_constraint`` on the result, to the
+      output spec restricted to the ``Auto`` axes (on a mixed mesh, after the resharding above).
     """
     mesh = _context_mesh()
     out: OutSharding | None = layer.out_sharding
@@ -540,14 +579,15 @@ def apply_sharded(
             mesh,
             keep=explicit,
             free=None,
-            derived=_derived(layer.plan, x, weight),
+            derived=_derived(layer.plan, x, weight, _mesh_shape(mesh)),
         )
 
         def run(params: Params, x: jax.Array) -> jax.Array:
             return compute(params, x, layer=layer)
 
-        return jax.sharding.auto_axes(run, axes=explicit, out_sharding=spec)(params, x)
-    y = compute(params, x, layer=layer)
+        y = jax.sharding.auto_axes(run, axes=explicit, out_sharding=spec)(params, x)
+    else:
+        y = compute(params, x, layer=layer)
     if out is None or not mesh.auto_axes:
         return y
     spec = output_spec(

@@ -14,40 +14,65 @@ each MLP is split on its output axis, the second on its input axis, so each MLP 
   full weight);
 * ``em.with_out_sharding(layer, RULES)`` keeps each layer's output split by its axis names while
   ``jax.set_mesh(mesh)`` is active;
+* each process feeds only its own rows of the batch (``jax.make_array_from_process_local_data``);
 * the train step is a plain ``jax.jit``; XLA inserts the collectives.
 
-The 8 devices are simulated on the CPU (``XLA_FLAGS=--xla_force_host_platform_device_count=8``,
-set below before JAX starts). The same training then runs unsharded on one device, and the losses
-and final params must agree. On a real cluster only the mesh changes: call
-``jax.distributed.initialize()`` on every host first and build the mesh from ``jax.devices()``.
+Three ways to run it:
 
-Run: ``python examples/sharded_training.py`` (a few seconds on a laptop CPU).
+* ``python examples/sharded_training.py`` -- one process, 8 simulated CPU devices
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set below before JAX starts).
+* ``python examples/sharded_training.py --processes N`` (N = 1, 2, 4) -- N local worker processes
+  on 127.0.0.1, each owning ``8/N`` simulated CPU devices, joined by JAX's distributed runtime
+  (gloo CPU collectives) into one global 8-device mesh. ``--checkpoint DIR`` saves the params and
+  optimizer state with orbax, each process writing its own shards; ``--restore --checkpoint DIR``
+  restores them in one process onto other layouts (one device; an (8,) ``'model'`` mesh).
+* ``python examples/sharded_training.py --worker`` on every host of a real cluster (SLURM, TPU
+  pods, Kubernetes): ``jax.distributed.initialize()`` with no arguments finds the coordinator and
+  the process ids from the cluster's environment; the mesh takes all hosts' devices.
+
+Each run trains the same model unsharded on one device too, and the losses and final params must
+agree (rtol 1e-5).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-_FLAGS = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _FLAGS:  # must precede JAX's start
-    os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_force_host_platform_device_count=8".strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__" and "--worker" not in sys.argv:  # must precede JAX's start
+    _FLAGS = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _FLAGS:
+        os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_force_host_platform_device_count=8".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import re  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+import argparse
+import functools
+import json
+import re
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import einmix_jax as em  # noqa: E402
+import einmix_jax as em
 
 BATCH, TOKENS, CHANNELS, TOKEN_HIDDEN, CHANNEL_HIDDEN, OUTPUTS = 16, 8, 16, 16, 32, 4
 RULES = {"b": "data", "g": "model", "f": "model"}
+MODEL = 4  # devices along the mesh's 'model' axis; the rest go to 'data'
+DEVICES = 8  # simulated CPU devices in all, split over the local processes
+AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+RTOL = 1e-5
 
 Layers = dict[str, em.EinMix]
 Params = dict[str, dict[str, jax.Array]]
@@ -90,33 +115,51 @@ def forward(layers: Layers, params: Params, x: jax.Array) -> jax.Array:
     return layers["head"](params["head"], _norm(x)) / TOKENS
 
 
-def make_step(layers: Layers, optimizer: optax.GradientTransformation):
+def state_shardings(
+    optimizer: optax.GradientTransformation, shardings: Any, replicated: Any
+) -> Any:
+    """The optimizer state's shardings: param-shaped leaves (Adam's moments) as their params."""
+    abstract = jax.tree.map(
+        lambda sharding, shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+        shardings,
+        {name: layer.param_shapes for name, layer in make_layers().items()},
+    )
+    return optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, param: param.sharding,
+        jax.eval_shape(optimizer.init, abstract),
+        abstract,
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def make_step(layers: Layers, optimizer: optax.GradientTransformation, out_shardings: Any = None):
+    """The jitted train step; ``out_shardings`` keeps params and state where they were."""
+
     def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
         return jnp.mean((forward(layers, params, x) - y) ** 2)
 
-    @jax.jit
     def step(params: Params, state: optax.OptState, x: jax.Array, y: jax.Array):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    return step
+    return jax.jit(step, out_shardings=out_shardings)
 
 
-def make_data(seed: int) -> tuple[jax.Array, jax.Array]:
-    """Inputs and the targets of a random 'teacher' Mixer of the same shape."""
-    layers = make_layers()
+@functools.cache
+def make_data(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole batch: random inputs and the outputs of a random tanh-linear 'teacher' on them.
 
-    @jax.jit
-    def data(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x_key, teacher_key = jax.random.split(key)
-        x = jax.random.normal(x_key, (BATCH, TOKENS, CHANNELS))
-        return x, forward(layers, init_params(layers, teacher_key), x)
+    numpy, so every process draws the same batch and nothing is compiled for it.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((BATCH, TOKENS, CHANNELS), dtype=np.float32)
+    teacher = rng.standard_normal((TOKENS * CHANNELS, OUTPUTS)) / np.sqrt(TOKENS * CHANNELS)
+    return x, np.tanh(x.reshape(BATCH, -1) @ teacher).astype(np.float32)
 
-    return data(jax.random.key(seed + 1))
 
-
-def sharding_table(params: Params, mesh: jax.sharding.Mesh) -> str:
+def sharding_table(params: Params) -> str:
     rows = [("param", "shape", "PartitionSpec", "per device")]
     for layer, entries in params.items():
         for name, value in entries.items():
@@ -131,41 +174,71 @@ def sharding_table(params: Params, mesh: jax.sharding.Mesh) -> str:
 def collective_counts(hlo: str) -> dict[str, int]:
     """How many of each collective op a compiled module runs, e.g. ``{'all-reduce': 3}``."""
     ops = re.findall(
-        r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo
+        r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(",
+        hlo,
     )
     return {op: ops.count(op) for op in sorted(set(ops))}
 
 
-def train_sharded(steps: int, lr: float, seed: int, verbose: bool) -> tuple[list[float], Params]:
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+def make_mesh(axis_type: AxisType = AxisType.Auto) -> Mesh:
+    """A ('data', 'model') mesh over every process's devices: 'model' of size 4, the rest 'data'."""
+    n = jax.device_count()
+    if n % MODEL or BATCH % (n // MODEL):
+        raise SystemExit(f"needs a multiple of {MODEL} devices dividing batch {BATCH}, found {n}")
+    return jax.make_mesh((n // MODEL, MODEL), ("data", "model"), axis_types=(axis_type,) * 2)
+
+
+def global_batch(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """One global array from this process's rows only, as a per-host data loader would give them.
+
+    Here every process computes the whole (small) batch and keeps the rows its own devices hold.
+    """
+    indices = sharding.addressable_devices_indices_map(array.shape).values()
+    start = min(index[0].start or 0 for index in indices)
+    stop = max(index[0].stop or array.shape[0] for index in indices)
+    return jax.make_array_from_process_local_data(sharding, array[start:stop], array.shape)
+
+
+def gather(tree: Any) -> Any:
+    """Every process gets the full value of every (global, possibly not addressable) array."""
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def train_sharded(
+    steps: int, lr: float, seed: int, verbose: bool, axis_type: AxisType = AxisType.Auto
+) -> tuple[list[float], Params, optax.OptState]:
+    """Train on the global mesh; returns the losses and the final (sharded) params and state."""
+    mesh = make_mesh(axis_type)
     layers = make_layers(RULES)
     shardings = {name: em.param_shardings(layer, RULES, mesh) for name, layer in layers.items()}
     params = jax.jit(lambda k: init_params(layers, k), out_shardings=shardings)(
         jax.random.key(seed)
     )
     x, y = make_data(seed)
-    x = jax.device_put(x, NamedSharding(mesh, P("data")))
-    y = jax.device_put(y, NamedSharding(mesh, P("data")))
+    x = global_batch(x, NamedSharding(mesh, P("data")))
+    y = global_batch(y, NamedSharding(mesh, P("data")))
     if verbose:
-        print(f"mesh: {dict(mesh.shape)}, devices\n{np.vectorize(lambda d: d.id)(mesh.devices)}")
-        print(f"rules: {RULES}\n\n{sharding_table(params, mesh)}\n")
+        print(f"mesh: {dict(mesh.shape)} ({axis_type.name}), {jax.process_count()} process(es), "
+              f"devices\n{np.vectorize(lambda d: d.id)(mesh.devices)}")  # fmt: skip
+        print(f"rules: {RULES}\n\n{sharding_table(params)}\n")
     optimizer = optax.adam(lr)
     losses = []
     with jax.set_mesh(mesh):
-        state = jax.jit(optimizer.init)(params)
-        step = make_step(layers, optimizer)
+        opt_shardings = state_shardings(optimizer, shardings, NamedSharding(mesh, P()))
+        state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+        step = make_step(layers, optimizer, (shardings, opt_shardings, NamedSharding(mesh, P())))
+        step = step.lower(params, state, x, y).compile()
         if verbose:
-            hlo = step.lower(params, state, x, y).compile().as_text()
-            print(f"collectives in the compiled train step: {collective_counts(hlo)}\n")
-        for i in range(steps):
+            print(f"collectives in the compiled train step: {collective_counts(step.as_text())}\n")
+        for _ in range(steps):
             params, state, loss = step(params, state, x, y)
             losses.append(float(loss))
-            if verbose and (i % 5 == 0 or i == steps - 1):
-                print(f"step {i:3d}  loss {losses[-1]:.6f}")
-    return losses, params
+    return losses, params, state
 
 
-def train_single(steps: int, lr: float, seed: int) -> tuple[list[float], Params]:
+@functools.cache
+def train_single(steps: int, lr: float, seed: int) -> tuple[list[float], Params, optax.OptState]:
+    """The same training, unsharded, on this process's first device: the reference."""
     layers = make_layers()
     params = jax.jit(lambda k: init_params(layers, k))(jax.random.key(seed))
     x, y = make_data(seed)
@@ -174,7 +247,295 @@ def train_single(steps: int, lr: float, seed: int) -> tuple[list[float], Params]
     for _ in range(steps):
         params, state, loss = step(params, state, x, y)
         losses.append(float(loss))
-    return losses, params
+    return losses, params, state
+
+
+def assert_trees_close(actual: Any, expected: Any, rtol: float = RTOL) -> None:
+    leaves = jax.tree.leaves(actual)
+    assert len(leaves) == len(jax.tree.leaves(expected))
+    for a, b in zip(leaves, jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=1e-6)
+
+
+# -- checkpoints: save from the multi-process run, restore onto another layout ---------------------
+
+
+def save_checkpoint(directory: Path, params: Params, state: optax.OptState, info: dict) -> None:
+    """Save params and optimizer state with orbax; every process writes the shards it holds."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        state_dir = directory.resolve() / "state"  # replaced if there: a rerun overwrites
+        checkpointer.save(state_dir, {"params": params, "opt_state": state}, force=True)
+        checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        (directory / "run.json").write_text(json.dumps(info))
+
+
+def target_shardings(mesh: Mesh | None, rules: dict) -> dict[str, dict[str, Any]]:
+    """Each param's sharding on ``mesh`` by ``rules``; with no mesh, all on one device."""
+    layers = make_layers()
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return {name: dict.fromkeys(layer.param_shapes, one) for name, layer in layers.items()}
+    return {name: em.param_shardings(layer, rules, mesh) for name, layer in layers.items()}
+
+
+def restore_checkpoint(directory: Path, shardings: dict, lr: float) -> tuple[Params, Any]:
+    """Restore onto the layout ``shardings`` gives the params (the Adam moments follow them)."""
+    import orbax.checkpoint as ocp
+
+    layers = make_layers()
+    abstract_params = {
+        name: {
+            key: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=shardings[name][key])
+            for key, shape in layer.param_shapes.items()
+        }
+        for name, layer in layers.items()
+    }
+    optimizer = optax.adam(lr)
+    one = jax.tree.leaves(shardings)[0]
+    replicated = NamedSharding(one.mesh, P()) if isinstance(one, NamedSharding) else one
+    abstract_state = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        jax.eval_shape(optimizer.init, abstract_params),
+        state_shardings(optimizer, shardings, replicated),
+    )
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            directory.resolve() / "state", {"params": abstract_params, "opt_state": abstract_state}
+        )
+    return restored["params"], restored["opt_state"]
+
+
+def restore_main(directory: Path, verbose: bool = True, reference: bool = True) -> dict:
+    """Restore every run saved under ``directory`` onto 1 device and onto an (8,) 'model' mesh."""
+    results = {}
+    runs = sorted(p.parent for p in directory.glob("*/run.json"))
+    if not runs:
+        raise SystemExit(f"no checkpoint under {directory} (save one with --checkpoint)")
+    model_mesh = jax.make_mesh((jax.device_count(),), ("model",), axis_types=(AxisType.Auto,))
+    for run in runs:
+        info = json.loads((run / "run.json").read_text())
+        if reference:
+            _, ref_params, ref_state = train_single(info["steps"], info["lr"], info["seed"])
+        layouts = {
+            "1 device": target_shardings(None, {}),
+            f"mesh {dict(model_mesh.shape)}": target_shardings(
+                model_mesh, {"g": "model", "f": "model"}
+            ),
+        }
+        restored = {}
+        for layout, shardings in layouts.items():
+            params, state = restore_checkpoint(run, shardings, info["lr"])
+            for value, sharding in zip(
+                jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True
+            ):
+                assert value.sharding.is_equivalent_to(sharding, value.ndim), (layout, value)
+            restored[layout] = (params, state)
+            if reference:
+                assert_trees_close((params, state), (ref_params, ref_state))
+            if verbose:
+                where = getattr(params["channel_up"]["weight"].sharding, "spec", "one device")
+                agree = f"equal the 1-device run (rtol {RTOL})" if reference else "restored"
+                print(f"{run.name}: restored onto {layout} (channel_up.weight: {where}); "
+                      f"params and Adam state {agree}")  # fmt: skip
+        (a, b) = restored.values()
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        results[run.name] = restored
+    if verbose:
+        print("both layouts hold bit-identical values")
+    return results
+
+
+# -- processes: a worker per process, and a local launcher --------------------------------------
+
+
+def worker_main(args: argparse.Namespace, verbose: bool) -> dict:
+    """Train on the global mesh of all processes' devices, check against 1 device, save."""
+    results = {}
+    for name in args.axis_types:
+        losses, params, state = train_sharded(
+            args.steps, args.lr, args.seed, verbose, AXIS_TYPES[name]
+        )
+        gathered = gather({"params": params, "opt_state": state})  # every process takes part
+        single_losses: list[float] = []
+        if jax.process_index() == 0 and args.reference:  # the 1-device reference, once
+            single_losses, single_params, single_state = train_single(
+                args.steps, args.lr, args.seed
+            )
+            np.testing.assert_allclose(losses, single_losses, rtol=RTOL)
+            assert_trees_close(gathered["params"], single_params)
+            assert_trees_close(gathered["opt_state"], single_state)
+        if verbose:
+            print(loss_table(losses, single_losses))
+        if args.checkpoint is not None:
+            run = args.checkpoint / name
+            info = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "axis_type": name}
+            save_checkpoint(run, params, state, info)
+            if verbose:
+                print(f"saved params and Adam state to {run} ({jax.process_count()} writers)\n")
+        results[name] = {
+            "losses": losses,
+            "single_losses": single_losses,
+            "params": params,
+            "gathered": gathered,
+        }
+    if args.result is not None and jax.process_index() == 0:
+        flat = {
+            f"{name}/{k}": v for name, r in results.items() for k, v in flat_tree(r["gathered"])
+        }
+        losses_of = {f"{name}/losses": np.asarray(r["losses"]) for name, r in results.items()}
+        np.savez(args.result, **flat, **losses_of)
+    return results
+
+
+def loss_table(losses: list[float], single_losses: list[float]) -> str:
+    """Every 5th step's loss, next to the 1-device run's when there is one."""
+    rows = ["step  sharded   1 device" if single_losses else "step  sharded"]
+    for i, loss in enumerate(losses):
+        if i % 5 == 0 or i == len(losses) - 1:
+            single = f"  {single_losses[i]:.6f}" if single_losses else ""
+            rows.append(f"{i:4d}  {loss:.6f}{single}")
+    if single_losses:
+        diff = max(abs(a - b) / abs(b) for a, b in zip(losses, single_losses, strict=True))
+        rows.append(f"sharded and 1-device runs agree (rtol {RTOL}; largest relative loss "
+                    f"difference {diff:.1e})")  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
+def flat_tree(tree: Any) -> list[tuple[str, np.ndarray]]:
+    """``(path, value)`` for each leaf, e.g. ``('params/head/bias', ...)``."""
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), np.asarray(value))
+            for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]]  # fmt: skip
+
+
+def initialize(args: argparse.Namespace) -> None:
+    """Join the distributed runtime; must come before any other JAX call."""
+    if args.coordinator is None:  # a real cluster: SLURM, TPU pods, Kubernetes, MPI ...
+        jax.distributed.initialize()
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        coordinator_bind_address=args.coordinator,  # loopback only, not every interface
+        initialization_timeout=args.timeout,
+        heartbeat_timeout_seconds=args.timeout,
+        shutdown_timeout_seconds=args.timeout,
+    )
+
+
+class LaunchError(RuntimeError):
+    """A worker process failed (its output is in the message) or the run timed out."""
+
+
+class HostnameUnresolvable(LaunchError):
+    """``gethostname()`` does not resolve: gloo, which binds to it, cannot run here."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_taken(output: str) -> bool:
+    return bool(re.search(r"address already in use|failed to (bind|add port)", output, re.I))
+
+
+def check_hostname() -> None:
+    """Raise :class:`HostnameUnresolvable` if gloo could not bind to this host's name."""
+    try:
+        socket.gethostbyname(socket.gethostname())
+    except OSError as error:
+        raise HostnameUnresolvable(
+            f"gethostname() = {socket.gethostname()!r} does not resolve ({error}); gloo's CPU "
+            "collectives bind to it: add it to /etc/hosts"
+        ) from None
+
+
+def launch(
+    processes: int,
+    worker_args: Sequence[str],
+    timeout: float = 120.0,
+    script: Path | None = None,
+) -> list[tuple[str, str]]:
+    """Run ``processes`` local workers of ``script`` (this one) on 127.0.0.1; their (stdout, stderr).
+
+    Each worker owns ``8 / processes`` simulated CPU devices. If one fails, the others are killed
+    at once (they would wait for the heartbeat timeout); all are killed, by pid, on any exit. A
+    port picked free can be taken before the coordinator binds it: then the run is retried once.
+    """
+    if processes < 1 or DEVICES % processes:
+        raise LaunchError(f"--processes must divide {DEVICES}, got {processes}")
+    check_hostname()
+    for attempt in (1, 2):
+        try:
+            return _run_workers(processes, _free_port(), worker_args, timeout, script)
+        except LaunchError as error:
+            if attempt == 2 or not _port_taken(str(error)):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_workers(
+    processes: int, port: int, worker_args: Sequence[str], timeout: float, script: Path | None
+) -> list[tuple[str, str]]:
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+    )
+    # the workers import the einmix_jax this process imported (a source checkout, say)
+    path = [str(Path(em.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES // processes}".strip(),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+    }
+    init_timeout = max(10, min(30, int(timeout / 2)))  # a hung peer fails the run in seconds
+    with tempfile.TemporaryDirectory(prefix="einmix_workers_") as tmp:
+        logs = [(Path(tmp) / f"{i}.out", Path(tmp) / f"{i}.err") for i in range(processes)]
+        procs: list[subprocess.Popen] = []
+        try:
+            for i, (out, err) in enumerate(logs):
+                command = [sys.executable, str(script or Path(__file__).resolve()), "--worker",
+                           "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                           "--process-id", str(i), "--timeout", str(init_timeout), *worker_args]  # fmt: skip
+                with out.open("wb") as stdout, err.open("wb") as stderr:
+                    procs.append(subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env))
+            deadline = time.monotonic() + timeout
+            failed = None
+            while failed is None and time.monotonic() < deadline:
+                codes = [p.poll() for p in procs]
+                failed = next((i for i, c in enumerate(codes) if c not in (None, 0)), None)
+                if all(c == 0 for c in codes):
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:  # the siblings of a failed worker, or all on a timeout / an interrupt
+                if p.poll() is None:
+                    p.kill()
+            for p in procs:
+                p.wait(timeout=30)
+        outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    if failed is None and any(p.returncode != 0 for p in procs):
+        raise LaunchError(f"workers timed out after {timeout:.0f} s:\n{_tails(outputs)}")
+    if failed is not None:
+        raise LaunchError(
+            f"worker {failed} of {processes} exited with code {procs[failed].returncode}; "
+            f"the others were stopped:\n{_tails(outputs)}"
+        )
+    return outputs
+
+
+def _tails(outputs: list[tuple[str, str]], lines: int = 15) -> str:
+    return "\n".join(
+        f"--- worker {i} ---\n" + "\n".join((out + err).strip().splitlines()[-lines:])
+        for i, (out, err) in enumerate(outputs)
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -182,23 +543,66 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--processes", type=int, help="run N local processes (1, 2 or 4)")
+    parser.add_argument("--axis-types", nargs="+", choices=sorted(AXIS_TYPES), default=["auto"],
+                        help="mesh axis types to train with, in turn (default: auto)")  # fmt: skip
+    parser.add_argument("--checkpoint", type=Path, help="save (or, with --restore, load) here")
+    parser.add_argument("--restore", action="store_true", help="restore --checkpoint and check it")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip the 1-device run the results are checked against")  # fmt: skip
+    parser.add_argument("--worker", action="store_true", help="run as one process of many")
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # a worker's .npz, for tests
+    parser.add_argument("--coordinator", help=argparse.SUPPRESS)  # set by the local launcher
+    parser.add_argument("--num-processes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=int, default=60, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.restore and args.checkpoint is None:
+        parser.error("--restore needs --checkpoint DIR")
+    return args
 
 
 def main(argv: Sequence[str] | None = None, verbose: bool = True) -> dict:
     args = parse_args(argv)
-    if jax.device_count() < 8:
+    if args.worker:
+        initialize(args)
+        verbose = verbose and jax.process_index() == 0
+        results = worker_main(args, verbose)
+        jax.distributed.shutdown()
+        return results
+    if args.processes is not None:
+        forwarded = ["--steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed),
+                     "--axis-types", *args.axis_types]  # fmt: skip
+        if not args.reference:
+            forwarded.append("--no-reference")
+        if args.checkpoint is not None:
+            forwarded += ["--checkpoint", str(args.checkpoint.resolve())]
+        if args.result is not None:
+            forwarded += ["--result", str(args.result.resolve())]
+        start = time.perf_counter()
+        try:
+            outputs = launch(args.processes, forwarded)
+        except HostnameUnresolvable as error:
+            print(f"skipped: {error}")
+            return {"skipped": str(error)}
+        wall = time.perf_counter() - start
+        if verbose:  # gloo's C++ code prints a line per connection to stdout
+            print("".join(line for line in outputs[0][0].splitlines(True)
+                          if not line.startswith("[Gloo]")), end="")  # fmt: skip
+            agree = "all agree with 1 device" if args.reference else "done"
+            print(f"{args.processes} process(es) x {DEVICES // args.processes} devices: "
+                  f"{agree}; wall time {wall:.1f} s")  # fmt: skip
+        return {"outputs": outputs, "wall": wall}
+    if jax.device_count() < DEVICES:
         raise SystemExit(
-            f"needs 8 devices, found {jax.device_count()}: JAX started before XLA_FLAGS"
+            f"needs {DEVICES} devices, found {jax.device_count()}: JAX started before XLA_FLAGS"
         )
-    losses, params = train_sharded(args.steps, args.lr, args.seed, verbose)
-    single_losses, single_params = train_single(args.steps, args.lr, args.seed)
-    np.testing.assert_allclose(losses, single_losses, rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single_params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-    if verbose:
-        print(f"\n1 device: final loss {single_losses[-1]:.6f}; sharded and 1-device runs agree")
-    return {"losses": losses, "single_losses": single_losses, "params": params}
+    if args.restore:
+        return restore_main(args.checkpoint, verbose, args.reference)
+    results = worker_main(args, verbose)
+    first = results[args.axis_types[0]]
+    return {"losses": first["losses"], "single_losses": first["single_losses"],
+            "params": first["params"]}  # fmt: skip
 
 
 if __name__ == "__main__":
