@@ -93,8 +93,14 @@ def test_regression_fits():
 def test_quantize_and_lora_quantizes_every_einmix_weight_and_trains_only_lora(tmp_path, capsys):
     pytest.importorskip("qwix")
     example = load("quantize_and_lora")
-    flags = ["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]
-    flags += ["--epochs", "2", "--subset", "128", "--depth", "1", "--lora-epochs", "2"]
+    # a float checkpoint to restore (the training path is the Mixer example's own smoke test)
+    mixer = load("mlp_mixer_digits")
+    images = jax.numpy.zeros((1, 8, 8))
+    params = mixer.Mixer(depth=1).init(jax.random.key(0), images)["params"]
+    checkpoint = mixer.checkpoint_round_trip(params, tmp_path / "float")
+    assert jax.tree.structure(checkpoint) == jax.tree.structure(params)
+    flags = ["--checkpoint", str(tmp_path / "float"), "--out", str(tmp_path / "run")]
+    flags += ["--subset", "128", "--depth", "1", "--lora-epochs", "2"]
     result = example.main([*flags, "--no-progress"])
     stored = [
         leaf
