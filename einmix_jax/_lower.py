@@ -131,6 +131,11 @@ LOOP_STEP_COST = 1 << 12
 #: compared: large, so the decision for a symbolic batch is the one for a big batch, and the same
 #: every time.
 SYMBOLIC_LENGTH = 1 << 16
+#: A loop pays off only when each iteration is a real GEMM: one whose x side has at least this
+#: many rows. Fewer (per-head projections looped over their rows, say) make every iteration a
+#: batch of matrix-vector products, far below the machine's GEMM rate, which the costs above
+#: (elements moved) cannot see.
+LOOP_MIN_ROWS = 16
 #: A weight broadcast is paid twice: the broadcast copy, and the per-slice weight gradient that
 #: the backward pass writes and then sums.
 BROADCAST_PASSES = 2
@@ -254,6 +259,8 @@ def lower(
             if loop and bcast:
                 continue  # no weight broadcast inside a loop
             rows = [a for a in x_free if a not in outer]
+            if loop and cost_size(rows) < LOOP_MIN_ROWS:
+                continue  # each iteration would be (a batch of) matrix-vector products
             w_batch = [a for a in dot_batch if a in in_w]
             for x_first, rhs_t in itertools.product((True, False), (False, True)):
                 # lhs (D, M, K) @ rhs (D, K, N), or (D, N, K) when rhs_t (the dot's dimension

@@ -84,6 +84,14 @@ def test_a_small_weight_is_broadcast_rather_than_looped_over():
     assert low.strategy == "broadcast batch" and (low.x_perm, low.y_perm) == (None, None)
 
 
+def test_no_loop_of_matrix_vector_products():
+    # many large heads: looping over the 512 rows of (b t) would run 512 batches of 32
+    # matrix-vector products; the planner moves rows of c once instead (x first)
+    low = lowering("b t (h c) -> b t (h d)", "h c d", (16, 32, 4096), h=32, c=128, d=128)
+    assert low.strategy == "x first" and not low.loop
+    assert low.x_dot_shape == (32, 512, 128) and low.w_dot_shape == (32, 128, 128)
+
+
 def test_channels_first_mixes_channels_in_place():
     # a loop would copy 16 slices of 1 MB in and out; the broadcast weight is only 16 x 256 KB
     low = lowering("b c h w -> b d h w", "c d", (16, 256, 32, 32), c=256, d=256)
