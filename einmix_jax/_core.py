@@ -163,10 +163,28 @@ def _apply(
     weight, bias = _check_params(layer, params)
     x = jnp.asarray(x)
     low = lower(layer.plan, tuple(x.shape), stored_weight=stored_weight)
+    return _run(low, layer, weight, bias, x)
+
+
+def apply_lowering(low: Lowering, params: Params, x: ArrayLike, layer: EinMix) -> jax.Array:
+    """Apply ``layer`` with a given lowering (e.g. any of ``_lower.candidates``), as ``apply`` does.
+
+    The same dtype rule and steps as the layer's own apply; only the planner's choice is replaced.
+    The benchmarks time every candidate this way.
+    """
+    weight, bias = _check_params(layer, params)
+    return _run(low, layer, weight, bias, jnp.asarray(x))
+
+
+def _run(
+    low: Lowering, layer: EinMix, weight: Any, bias: jax.Array | None, x: jax.Array
+) -> jax.Array:
+    """Cast to the computation dtype (the layer's rule) and execute ``low``; the output shape."""
     dtype = layer.dtype
     if dtype is None:  # the layer's own rule, also under jax_numpy_dtype_promotion='strict'
         # a quantized weight container counts with the dtype it stands for
-        operands = [p if _is_array(p) else p.dtype for p in params.values()]
+        operands = [p for p in (weight, bias) if p is not None]
+        operands = [p if _is_array(p) else p.dtype for p in operands]
         with jax.numpy_dtype_promotion("standard"):
             dtype = jnp.result_type(x, *operands)
             if not jnp.issubdtype(dtype, jnp.inexact):
