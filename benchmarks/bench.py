@@ -53,6 +53,7 @@ import numpy as np
 from einops.layers.flax import EinMix as EinopsEinMix
 from jax import lax
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's einmix_jax
 import einmix_jax
 
 Params = dict[str, jax.Array]
@@ -667,13 +668,17 @@ def machine() -> str:
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
 
-def write_results(path: Path, text: str) -> None:
-    """Replace the generated part of ``path`` (between the markers), keeping the prose around it."""
-    block = f"{BEGIN}\n{text}\n{END}"
-    old = path.read_text() if path.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + block + rest.split(END, 1)[1]
+def write_results(path: Path, text: str, tag: str = "", title: str = "Benchmark results") -> None:
+    """Replace the generated part of ``path`` (between the markers), keeping the prose around it.
+
+    ``tag`` names one of several generated sections (markers ``<!-- BEGIN GENERATED tag -->``).
+    """
+    begin, end = (f"{m[:-4]} {tag} -->" if tag else m for m in (BEGIN, END))
+    block = f"{begin}\n{text}\n{end}"
+    old = path.read_text() if path.exists() else f"# {title}\n\n{begin}\n{end}\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new)
