@@ -96,7 +96,7 @@ class Layer:
     x_shape: tuple[int, ...]
 
     @property
-    def axes(self) -> dict[str, int]:
+    def axes(self) -> dict[str, Any]:
         """The lengths the layer is built with (its params' axes)."""
         names = set(self.weight_shape.split()) | set(self.bias_shape.split())
         return {a: n for a, n in self.sizes.items() if a in names}
@@ -410,7 +410,8 @@ def implementations(
 
     def einops_fn(p: Params, x: jax.Array) -> jax.Array:
         p, x = _cast(dtype, p, x)
-        return eo.apply({"params": p}, x)
+        y: jax.Array = eo.apply({"params": p}, x)  # type: ignore[assignment]
+        return y
 
     bias_shape = params["bias"].shape
     impls.append(
@@ -525,7 +526,7 @@ def summarize(
     compile_times: dict[str, dict[str, list[float]]],
 ) -> dict[str, Any]:
     """One layer's record: per implementation, times and ratios to the chosen one; the regrets."""
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for impl in impls:
         t = times[impl.name]
         choice = choices.get(impl.name)
