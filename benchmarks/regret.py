@@ -109,6 +109,12 @@ class Layer:
         return 2 * math.prod(_length(self.sizes, a) for a in names)
 
     @property
+    def elements(self) -> int:
+        """The number of elements of x and of the output, together."""
+        left, right = (_flat(side) for side in self.pattern.split("->"))
+        return sum(math.prod(_length(self.sizes, a) for a in side) for side in (left, right))
+
+    @property
     def group(self) -> tuple[int, int, int] | None:
         """(g, c, d) of a grouped layer ``'b t (g c) -> b t (g d)'``, else None."""
         if self.pattern != "b t (g c) -> b t (g d)":
@@ -133,6 +139,10 @@ def _x_shape(pattern: str, sizes: dict[str, Any]) -> tuple[int, ...]:
         else:
             shape.append(math.prod(sizes[a] for a in _flat(group)))
     return tuple(shape)
+
+
+#: x and the output of a corpus layer hold at most this many elements together (128 MiB in float32)
+MAX_ELEMENTS = 1 << 25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,21 +293,28 @@ def corpus(
 ) -> list[Layer]:
     """``n`` layers drawn with ``seed``: a kind, its lengths, then the batch for a drawn FLOP count.
 
+    The kinds come round-robin, each cycle in a fresh random order (40 layers: 3 or 4 of each).
+
     ``kinds`` restricts the kinds drawn (another corpus); None: every kind (the corpus).
     """
     r = random.Random(seed)
-    layers = []
+    layers: list[Layer] = []
+    names = sorted(k for k in _kinds(random.Random(0), scale) if kinds is None or k in kinds)
+    cycle: list[str] = []
     for _ in range(n):
         drawn = _kinds(r, scale)
-        kind = r.choice(sorted(k for k in drawn if kinds is None or k in kinds))
+        if not cycle:  # every kind once per cycle, in a fresh random order: a balanced corpus
+            cycle = r.sample(names, len(names))
+        kind = cycle.pop()
         pattern, weight_shape, bias_shape, sizes = drawn[kind]
         target = math.exp(r.uniform(math.log(flops[0]), math.log(flops[1])))
         unit = Layer(kind, pattern, weight_shape, bias_shape, {**sizes, "b": 1}, ())
+        # the batch for the FLOP count, but x and the output at most MAX_ELEMENTS together
+        batch = min(round(target / unit.flops), MAX_ELEMENTS // unit.elements)
         if kind == "ellipsis":  # the leading axis of '...' is the batch
-            lead = max(1, round(target / unit.flops))
-            sizes = {**sizes, "...": (lead, *sizes["..."])}
+            sizes = {**sizes, "...": (max(1, batch), *sizes["..."])}
         else:
-            sizes = {**sizes, "b": max(1, round(target / unit.flops))}
+            sizes = {**sizes, "b": max(1, batch)}
         layers.append(
             Layer(kind, pattern, weight_shape, bias_shape, sizes, _x_shape(pattern, sizes))
         )
@@ -681,6 +698,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--min-time", type=float, default=0.02, help="s per measurement")
     parser.add_argument("--quick", action="store_true", help="5 rounds, 1 compile round")
     parser.add_argument("--tiny", action="store_true", help="tiny layers, 1 round: a smoke test")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="s: draw no further layer after this long"
+    )
     parser.add_argument("--kinds", nargs="+", default=None, help="draw only these kinds")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--loops", choices=["auto", "on", "off"], default="auto")
@@ -702,6 +722,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     records = []
     for i, layer in enumerate(layers):
+        if args.budget is not None and time.perf_counter() - start > args.budget:
+            print(f"budget spent: {i} of {n} layers measured", flush=True)
+            break
         t0 = time.perf_counter()
         rec = run_layer(layer, dtype, loops, rounds, compile_rounds, min_time, args.seed)
         mix = em.layer(
@@ -740,7 +763,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "",
             f"Machine: {machine()}.",
             "",
-            f"Run: `python benchmarks/regret.py {cmd}` on {datetime.date.today()}, {n} layers, "
+            f"Run: `python benchmarks/regret.py {cmd}` on {datetime.date.today()}, "
+            f"{len(records)} of the corpus's first {n} layers, "
             f"{rounds} timing rounds, {compile_rounds} compile rounds, {elapsed / 60:.1f} min.",
             "",
             *lines,
