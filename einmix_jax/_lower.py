@@ -338,8 +338,18 @@ def candidates(
     Example:
         >>> from ._parse import parse
         >>> plan = parse('b t c -> b u c', 't u', None, (('t', 196), ('u', 256)))
-        >>> [(c.label, c.cost) for c in candidates(plan, (64, 196, 512), loops=True)][:3]
-        [('x first', 25739264), ('x first, rhs (D,N,K)', 25739264), ('w first', 12845056)]
+        >>> choices = candidates(plan, (64, 196, 512), loops=True)
+        >>> for c in choices:
+        ...     if 'rhs' not in c.label:
+        ...         print(f'{c.label:40} {c.cost:>10,}')
+        x first                                  14,811,136
+        w first                                  14,861,312
+        x first, batch (b), broadcast over b     21,233,664
+        w first, batch (b), broadcast over b      6,472,704
+        x first, loop over b                     20,010,325
+        w first, loop over b                      5,249,365
+        >>> choose(choices).label
+        'w first, loop over b'
     """
     ax = _classify(plan, x_shape)
     if stored_weight:
