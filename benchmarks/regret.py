@@ -35,10 +35,12 @@ layer is also measured.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
 import math
+import os
 import random
 import re
 import statistics
@@ -475,6 +477,7 @@ def run_layer(
     compile_rounds: int,
     min_time: float,
     seed: int,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Check, compile-time and time every implementation of ``layer``; return its record."""
     key_w, key_b, key_x, key_ct = jax.random.split(jax.random.key(seed), 4)
@@ -493,9 +496,16 @@ def run_layer(
     seen: dict[tuple[str, str], str] = {}
     fwd_fns: dict[str, Any] = {}
     fb_fns: dict[str, Any] = {}
-    for impl in impls:  # compile once; correctness; identical programs
-        fwd = fwd_fns[impl.name] = jax.jit(impl.fn).lower(impl.params, x).compile()
-        fb = fb_fns[impl.name] = jax.jit(_fwd_bwd(impl.fn)).lower(impl.params, x, ct).compile()
+
+    def compile_both(impl: Impl) -> tuple[Any, Any]:
+        fwd = jax.jit(impl.fn).lower(impl.params, x).compile()
+        return fwd, jax.jit(_fwd_bwd(impl.fn)).lower(impl.params, x, ct).compile()
+
+    # XLA compiles in parallel threads (jobs > 1 on a machine with spare cores, e.g. a GPU host)
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        compiled = list(pool.map(compile_both, impls))
+    for impl, (fwd, fb) in zip(impls, compiled, strict=True):  # correctness; identical programs
+        fwd_fns[impl.name], fb_fns[impl.name] = fwd, fb
         _close(impl.name, "output", fwd(impl.params, x), y_ref, dtype)
         _, (g, gx) = fb(impl.params, x, ct)
         for name in g_ref:
@@ -701,6 +711,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--budget", type=float, default=None, help="s: draw no further layer after this long"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // 2),
+        help="threads compiling the implementations (default: half the cores)",
+    )
     parser.add_argument("--kinds", nargs="+", default=None, help="draw only these kinds")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--loops", choices=["auto", "on", "off"], default="auto")
@@ -726,7 +742,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"budget spent: {i} of {n} layers measured", flush=True)
             break
         t0 = time.perf_counter()
-        rec = run_layer(layer, dtype, loops, rounds, compile_rounds, min_time, args.seed)
+        rec = run_layer(layer, dtype, loops, rounds, compile_rounds, min_time, args.seed, args.jobs)
         mix = em.layer(
             layer.pattern,
             weight_shape=layer.weight_shape,
