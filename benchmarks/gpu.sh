@@ -11,8 +11,8 @@
 #   bash benchmarks/gpu.sh            # on a CUDA machine: writes benchmarks/RESULTS-gpu.md
 #   bash benchmarks/gpu.sh --tiny     # anywhere (CPU), ~1-2 minutes: checks the script runs;
 #                                     # writes $TINY_OUT (default /tmp/RESULTS-gpu-tiny.md) only
-# Time shares (seconds, wall) may be changed: BENCH_TIMEOUT (default 130), REGRET_BUDGET (per
-# corpus and dtype, default 35; the layer in progress finishes, so add ~10 s each).
+# Time shares (seconds, wall) may be changed: BENCH_TIMEOUT (default 120), REGRET_BUDGET (per
+# corpus and dtype, default 30; the layer in progress finishes, so add ~5-10 s each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -32,8 +32,8 @@ else
     OUT=benchmarks/RESULTS-gpu.md
     # 5 timing rounds and 1 compile round: compiles dominate a GPU run's wall time
     BENCH_ARGS=(--quick)
-    REGRET_ARGS=(--rounds 5 --compile-rounds 1 --min-time 0.01 --budget "${REGRET_BUDGET:-35}")
-    BENCH_TIMEOUT=${BENCH_TIMEOUT:-130}
+    REGRET_ARGS=(--rounds 5 --compile-rounds 1 --min-time 0.01 --budget "${REGRET_BUDGET:-30}")
+    BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
     "$PY" -c 'import jax, sys; b = jax.default_backend(); print("backend:", b, jax.devices())
 sys.exit(0 if b == "gpu" else "no GPU backend: install a CUDA jaxlib (jax[cuda12])")'
 fi
