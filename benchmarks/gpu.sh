@@ -45,7 +45,8 @@ timeout "$BENCH_TIMEOUT" "$PY" benchmarks/bench.py "${BENCH_ARGS[@]}" --out "$OU
     echo "bench.py did not finish (rc $?): its section is missing from $OUT"
 for dtype in float32 bfloat16; do
     for seed in 0 1; do
-        "$PY" benchmarks/regret.py "${REGRET_ARGS[@]}" --seed "$seed" --dtype "$dtype" --out "$OUT"
+        "$PY" benchmarks/regret.py "${REGRET_ARGS[@]}" --seed "$seed" --dtype "$dtype" \
+            --out "$OUT" || echo "regret.py --seed $seed --dtype $dtype failed (rc $?)"
     done
 done
 echo "wrote $OUT in $((SECONDS - START)) s"
