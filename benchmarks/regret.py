@@ -26,10 +26,11 @@ For each layer, in one process, on the same input and parameter values:
 
 Forward and forward+backward (value and gradient of ``vdot(y, ct)`` w.r.t. params and x) are
 timed interleaved round-robin, in a fresh random order each round, as in bench.py; candidates whose
-optimized HLO is identical are timed once. Every ratio is a median of per-round ratios. The regret
-is ``max over implementations of median(t_chosen / t_impl)`` (so >= 1: the chosen one is among
-them). First-call compile (``jax.clear_caches()`` first) of the chosen candidate and of einops'
-layer is also measured.
+optimized HLO is identical are timed once, and one more than ``PRUNE`` times slower than the
+chosen one on a single warm call (forward and forward+backward) is not timed further. Every ratio
+is a median of per-round ratios. The regret is ``max over implementations of median(t_chosen /
+t_impl)`` (so >= 1: the chosen one is among them). First-call compile (``jax.clear_caches()``
+first) of the chosen candidate and of einops' layer is also measured.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ from einmix_jax import _lower
 from einmix_jax._core import apply_lowering
 
 Params = dict[str, jax.Array]
+
+#: an implementation this many times slower than the chosen one (fwd and fwd+bwd, one call) is
+#: not timed in rounds: it cannot be the fastest (e.g. a large weight broadcast over many rows)
+PRUNE = 3.0
 
 #: the issue's targets: (metric, statistic) -> limit
 TARGETS = {
@@ -525,22 +530,41 @@ def run_layer(
             c["fb"].append(_compile_time(_fwd_bwd(impl.fn), impl.params, x, ct)[0])
 
     timed = [i for i in impls if same.get(i.name, i.name) == i.name]
-    for i in timed:  # warm up (the compiled programs survive jax.clear_caches)
+    once: dict[str, dict[str, float]] = {}  # one call each (the first one warms up)
+    for i in timed:
         jax.block_until_ready(fwd_fns[i.name](i.params, x))
         jax.block_until_ready(fb_fns[i.name](i.params, x, ct))
+        once[i.name] = {
+            "fwd": _timed(fwd_fns[i.name], (i.params, x), 1),
+            "fb": _timed(fb_fns[i.name], (i.params, x, ct), 1),
+        }
     base = by_name[same[chosen]]
     t_fwd = min(_timed(fwd_fns[base.name], (base.params, x), 1) for _ in range(3))
     t_fb = min(_timed(fb_fns[base.name], (base.params, x, ct), 1) for _ in range(3))
+    # An implementation PRUNE times slower than the chosen one in both metrics, on one call,
+    # cannot be the fastest: it is not timed in rounds (its single call stands for it).
+    pruned = {n for n, t in once.items() if t["fwd"] > PRUNE * t_fwd and t["fb"] > PRUNE * t_fb} - {
+        base.name
+    }
     reps_fwd = max(1, min(100, math.ceil(min_time / t_fwd)))
     reps_fb = max(1, min(100, math.ceil(min_time / t_fb)))
-    times: dict[str, dict[str, list[float]]] = {i.name: {"fwd": [], "fb": []} for i in timed}
+    times: dict[str, dict[str, list[float]]] = {
+        n: {m: [once[n][m]] * rounds for m in ("fwd", "fb")}
+        if n in pruned
+        else {"fwd": [], "fb": []}
+        for n in once
+    }
+    rounds_timed = [i for i in timed if i.name not in pruned]
     for _ in range(rounds):
-        for i in order.sample(timed, len(timed)):
+        for i in order.sample(rounds_timed, len(rounds_timed)):
             times[i.name]["fwd"].append(_timed(fwd_fns[i.name], (i.params, x), reps_fwd))
             times[i.name]["fb"].append(_timed(fb_fns[i.name], (i.params, x, ct), reps_fb))
     for name, rep in same.items():
         times[name] = times[rep]
-    return summarize(layer, impls, choices, chosen, same, times, compile_times)
+    record = summarize(layer, impls, choices, chosen, same, times, compile_times)
+    for name in record["rows"]:
+        record["rows"][name]["pruned"] = same.get(name, name) in pruned
+    return record
 
 
 def summarize(

@@ -39,6 +39,7 @@ def test_regret_benchmark_smoke(tmp_path):
         rows = r["rows"]
         assert r["chosen"] in rows and r["chosen"].startswith("cand: ")
         assert {"flax path", "rearrange+einsum", "einops layer"} <= set(rows)
+        assert not rows[r["chosen"]]["pruned"]
         # the chosen candidate is the first cheapest
         costs = [row["cost"] for row in rows.values() if row["cost"] is not None]
         assert rows[r["chosen"]]["cost"] == min(costs)
