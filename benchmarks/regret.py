@@ -44,6 +44,7 @@ import math
 import os
 import random
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -751,7 +752,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.n or (3 if args.tiny else 40)
     rounds = args.rounds or (1 if args.tiny else 5 if args.quick else 15)
     compile_rounds = args.compile_rounds or (1 if args.tiny or args.quick else 3)
-    min_time = 0.0 if args.tiny else args.min_time
+    min_time = min(args.min_time, 0.002) if args.tiny else args.min_time
     dtype = BF16 if args.dtype == "bfloat16" else F32
     loops = {"auto": _lower._loops_pay_off(), "on": True, "off": False}[args.loops]
     kinds = None if args.kinds is None else tuple(args.kinds)
@@ -797,7 +798,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if not args.no_write:
-        cmd = " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = shlex.join(argv if argv is not None else sys.argv[1:])
         text = [
             f"### Corpus seed {args.seed}, {args.dtype}",
             "",
