@@ -390,6 +390,16 @@ def _apply(
     return _compute(low, layer, weight, bias, x)
 
 
+def apply_lowering(low: Lowering, params: Params, x: ArrayLike, layer: EinMix) -> jax.Array:
+    """Apply ``layer`` with a given lowering (e.g. any of ``_lower.candidates``), as ``apply`` does.
+
+    The same dtype rule and steps as the layer's own apply; only the planner's choice is replaced.
+    The benchmarks time every candidate this way.
+    """
+    weight, bias = _check_params(layer, params)
+    return _compute(low, layer, weight, bias, jnp.asarray(x))
+
+
 class _Options(Protocol):
     """What the computation reads of a layer besides the lowering."""
 

@@ -197,6 +197,186 @@ def _perm(src: list[str], dst: list[str], sizes: dict[str, int]) -> Perm:
     return None if moving == sorted(moving) else perm
 
 
+@dataclasses.dataclass(frozen=True)
+class _Axes:
+    """The axis classes of one plan and input shape (see the module docstring)."""
+
+    sizes: dict[str, int]
+    cost_sizes: dict[str, int]  #: a symbolic length counts as SYMBOLIC_LENGTH
+    x_axes: list[str]
+    out_groups: list[tuple[str, ...]]
+    out_axes: list[str]
+    w_axes: list[str]
+    summed: list[str]
+    x_kept: list[str]
+    batch: list[str]
+    contracted: list[str]
+    x_free: list[str]
+    w_free: list[str]
+
+    def size(self, axes: list[str]) -> int:
+        return math.prod(self.sizes[a] for a in axes)
+
+    def cost_size(self, axes: list[str]) -> int:
+        return math.prod(self.cost_sizes[a] for a in axes)
+
+
+def _classify(plan: Plan, x_shape: tuple[int, ...]) -> _Axes:
+    sizes, n_ellipsis = resolve_sizes(plan, x_shape)
+    x_axes = [a for g in expand_groups(plan.left, n_ellipsis) for a in g]
+    out_groups = expand_groups(plan.right, n_ellipsis)
+    out_axes = [a for g in out_groups for a in g]
+    w_axes = list(plan.weight_axes)
+    in_w, in_out = set(w_axes), set(out_axes)
+    summed = [a for a in x_axes if a not in in_w and a not in in_out]
+    x_kept = [a for a in x_axes if a not in summed]
+    # Costs are compared as integers: a symbolic length (jax.export) counts as SYMBOLIC_LENGTH.
+    cost_sizes = {a: n if isinstance(n, int) else SYMBOLIC_LENGTH for a, n in sizes.items()}
+    return _Axes(
+        sizes=sizes,
+        cost_sizes=cost_sizes,
+        x_axes=x_axes,
+        out_groups=out_groups,
+        out_axes=out_axes,
+        w_axes=w_axes,
+        summed=summed,
+        x_kept=x_kept,
+        batch=[a for a in x_kept if a in in_w and a in in_out],
+        contracted=[a for a in x_kept if a in in_w and a not in in_out],
+        x_free=[a for a in x_kept if a not in in_w],
+        w_free=[a for a in out_axes if a in in_w and a not in set(x_axes)],
+    )
+
+
+def _enumerate(ax: _Axes, loops: bool) -> list[_Candidate]:
+    """Every candidate, in tie-breaking order (no outer axes and x first come first), no repeats."""
+    in_w = set(ax.w_axes)
+    sizes, x_kept, contracted = ax.sizes, ax.x_kept, ax.contracted
+    # The leading run of x's axes that are not contracted: candidates for outer dimensions.
+    n_outer = next((i for i, a in enumerate(x_kept) if a in contracted), len(x_kept))
+    candidates: list[_Candidate] = []
+    for k in range(n_outer + 1):  # x_kept[:k] stay in front of the dot (k = 0 first: ties)
+        outer = x_kept[:k]
+        # loops run over leading x-only axes of known length (lax.map needs a static count)
+        free_run = next(
+            (i for i, a in enumerate(outer) if a in in_w or not isinstance(sizes[a], int)),
+            len(outer),
+        )
+        for n_loop in sorted({0, free_run if loops else 0}):
+            loop = outer[:n_loop]
+            dot_batch = outer[n_loop:] + [a for a in ax.batch if a not in outer]
+            bcast = [a for a in dot_batch if a not in in_w]
+            if loop and bcast:
+                continue  # no weight broadcast inside a loop
+            rows = [a for a in ax.x_free if a not in outer]
+            if loop and ax.cost_size(rows) < LOOP_MIN_ROWS:
+                continue  # each iteration would be (a batch of) matrix-vector products
+            w_batch = [a for a in dot_batch if a in in_w]
+            for x_first, rhs_t in itertools.product((True, False), (False, True)):
+                # lhs (D, M, K) @ rhs (D, K, N), or (D, N, K) when rhs_t (the dot's dimension
+                # numbers absorb that orientation at no cost; the lhs keeps K last)
+                x_in = [rows, contracted] if x_first or rhs_t else [contracted, rows]
+                w_in = [ax.w_free, contracted] if not x_first or rhs_t else [contracted, ax.w_free]
+                y_inner = rows + ax.w_free if x_first else ax.w_free + rows
+                c = _Candidate(
+                    loop=loop,
+                    dot_batch=dot_batch,
+                    bcast=bcast,
+                    x_first=x_first,
+                    rhs_t=rhs_t,
+                    x_order=loop + dot_batch + x_in[0] + x_in[1],
+                    w_order=w_batch + w_in[0] + w_in[1],
+                    y_order=loop + dot_batch + y_inner,
+                    x_blocks=[dot_batch, *x_in],
+                    w_blocks=[dot_batch, *w_in],
+                )
+                if c not in candidates:  # an outer batch axis may repeat an earlier candidate
+                    candidates.append(c)
+    return candidates
+
+
+def _cost(ax: _Axes, c: _Candidate) -> int:
+    """The candidate's cost in elements moved (see the module docstring)."""
+    sizes, cost_size = ax.sizes, ax.cost_size
+
+    def moved(src: list[str], dst: list[str]) -> int:
+        return 0 if _perm(src, dst, sizes) is None else cost_size(src)
+
+    loop_copies = round(LOOP_COPY_FRACTION * (cost_size(ax.x_kept) + cost_size(ax.out_axes)))
+    return (
+        moved(ax.x_kept, c.x_order)
+        + moved(c.y_order, ax.out_axes)
+        + moved(ax.w_axes, c.w_order)
+        + (BROADCAST_PASSES * cost_size(c.bcast) * cost_size(ax.w_axes) if c.bcast else 0)
+        + (loop_copies + LOOP_STEP_COST * cost_size(c.loop) if c.loop else 0)
+    )
+
+
+def _label(c: _Candidate, stored_weight: bool = False) -> str:
+    """A short name: 'x first', 'w first, rhs (D,N,K)', 'loop over b', 'broadcast over b', ..."""
+    if stored_weight:
+        return "weight as stored"
+    parts = ["x first" if c.x_first else "w first"]
+    if c.rhs_t:
+        parts.append("rhs (D,N,K)")
+    if c.loop:
+        parts.append(f"loop over {' '.join(c.loop)}")
+    if c.dot_batch:
+        parts.append(f"batch ({' '.join(c.dot_batch)})")
+    if c.bcast:
+        parts.append(f"broadcast over {' '.join(c.bcast)}")
+    return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Choice:
+    """One candidate lowering the planner considers, with its cost; :func:`build` makes it."""
+
+    label: str  #: e.g. 'x first', 'w first, rhs (D,N,K)', 'loop over b', 'broadcast over b'
+    cost: int  #: in elements moved; the planner takes the first of the cheapest
+    candidate: _Candidate
+    stored_weight: bool = False
+
+
+def candidates(
+    plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None, stored_weight: bool = False
+) -> list[Choice]:
+    """Every lowering :func:`lower` chooses from, in its tie-breaking order, with its cost.
+
+    ``lower(plan, x_shape, loops, stored_weight)`` is ``build`` of the first cheapest of these.
+    With ``stored_weight`` there is one, the Flax layers' form, at cost 0.
+
+    Example:
+        >>> from ._parse import parse
+        >>> plan = parse('b t c -> b u c', 't u', None, (('t', 196), ('u', 256)))
+        >>> choices = candidates(plan, (64, 196, 512), loops=True)
+        >>> for c in choices:
+        ...     if 'rhs' not in c.label:
+        ...         print(f'{c.label:40} {c.cost:>10,}')
+        x first                                  14,811,136
+        w first                                  14,861,312
+        x first, batch (b), broadcast over b     21,233,664
+        w first, batch (b), broadcast over b      6,472,704
+        x first, loop over b                     20,010,325
+        w first, loop over b                      5,249,365
+        >>> choose(choices).label
+        'w first, loop over b'
+    """
+    ax = _classify(plan, x_shape)
+    if stored_weight:
+        c = _stored_weight_order(ax.w_axes, ax.x_free, ax.contracted, ax.batch)
+        return [Choice(_label(c, True), 0, c, True)]
+    if loops is None:
+        loops = _loops_pay_off()
+    found = _enumerate(ax, loops)
+    return [Choice(_label(c), _cost(ax, c), c) for c in found]
+
+
+def choose(choices: list[Choice]) -> Choice:
+    """The planner's pick: the first of the cheapest."""
+    return min(choices, key=lambda c: c.cost)
+
+
 @functools.lru_cache(maxsize=4096)
 def lower(
     plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None, stored_weight: bool = False
@@ -206,7 +386,7 @@ def lower(
     ``loops`` allows the loop candidates (see the module docstring); ``None`` allows them on a
     single XLA:CPU device. ``stored_weight`` asks for the one lowering in which the weight is the
     dot's right operand exactly as stored (see :func:`_stored_weight_order`), as the Flax layers
-    need it.
+    need it. The same as ``build(plan, x_shape, choose(candidates(...)))``.
 
     Example:
         >>> from ._parse import parse
@@ -217,88 +397,15 @@ def lower(
         >>> lower(plan, (64, 196, 512), loops=False).w_broadcast
         ((1, 256, 196), (64, 256, 196))
     """
-    sizes, n_ellipsis = resolve_sizes(plan, x_shape)
-    x_axes = [a for g in expand_groups(plan.left, n_ellipsis) for a in g]
-    out_groups = expand_groups(plan.right, n_ellipsis)
-    out_axes = [a for g in out_groups for a in g]
-    w_axes = list(plan.weight_axes)
+    return build(plan, x_shape, choose(candidates(plan, x_shape, loops, stored_weight)))
 
-    in_w, in_out = set(w_axes), set(out_axes)
-    summed = [a for a in x_axes if a not in in_w and a not in in_out]
-    x_kept = [a for a in x_axes if a not in summed]
-    batch = [a for a in x_kept if a in in_w and a in in_out]
-    contracted = [a for a in x_kept if a in in_w and a not in in_out]
-    x_free = [a for a in x_kept if a not in in_w]
-    w_free = [a for a in out_axes if a in in_w and a not in set(x_axes)]
-    if loops is None:
-        loops = _loops_pay_off()
 
-    def size(axes: list[str]) -> int:
-        return math.prod(sizes[a] for a in axes)
-
-    # Costs are compared as integers: a symbolic length (jax.export) counts as SYMBOLIC_LENGTH.
-    cost_sizes = {a: n if isinstance(n, int) else SYMBOLIC_LENGTH for a, n in sizes.items()}
-
-    def cost_size(axes: list[str]) -> int:
-        return math.prod(cost_sizes[a] for a in axes)
-
-    # The leading run of x's axes that are not contracted: candidates for outer dimensions.
-    n_outer = next((i for i, a in enumerate(x_kept) if a in contracted), len(x_kept))
-    candidates = []
-    for k in range(n_outer + 1):  # x_kept[:k] stay in front of the dot (k = 0 first: ties)
-        outer = x_kept[:k]
-        # loops run over leading x-only axes of known length (lax.map needs a static count)
-        free_run = next(
-            (i for i, a in enumerate(outer) if a in in_w or not isinstance(sizes[a], int)),
-            len(outer),
-        )
-        for n_loop in sorted({0, free_run if loops else 0}):
-            loop = outer[:n_loop]
-            dot_batch = outer[n_loop:] + [a for a in batch if a not in outer]
-            bcast = [a for a in dot_batch if a not in in_w]
-            if loop and bcast:
-                continue  # no weight broadcast inside a loop
-            rows = [a for a in x_free if a not in outer]
-            if loop and cost_size(rows) < LOOP_MIN_ROWS:
-                continue  # each iteration would be (a batch of) matrix-vector products
-            w_batch = [a for a in dot_batch if a in in_w]
-            for x_first, rhs_t in itertools.product((True, False), (False, True)):
-                # lhs (D, M, K) @ rhs (D, K, N), or (D, N, K) when rhs_t (the dot's dimension
-                # numbers absorb that orientation at no cost; the lhs keeps K last)
-                x_in = [rows, contracted] if x_first or rhs_t else [contracted, rows]
-                w_in = [w_free, contracted] if not x_first or rhs_t else [contracted, w_free]
-                y_inner = rows + w_free if x_first else w_free + rows
-                candidates.append(
-                    _Candidate(
-                        loop=loop,
-                        dot_batch=dot_batch,
-                        bcast=bcast,
-                        x_first=x_first,
-                        rhs_t=rhs_t,
-                        x_order=loop + dot_batch + x_in[0] + x_in[1],
-                        w_order=w_batch + w_in[0] + w_in[1],
-                        y_order=loop + dot_batch + y_inner,
-                        x_blocks=[dot_batch, *x_in],
-                        w_blocks=[dot_batch, *w_in],
-                    )
-                )
-
-    def moved(src: list[str], dst: list[str]) -> int:
-        return 0 if _perm(src, dst, sizes) is None else cost_size(src)
-
-    loop_copies = round(LOOP_COPY_FRACTION * (cost_size(x_kept) + cost_size(out_axes)))
-
-    def cost(c: _Candidate) -> int:
-        return (
-            moved(x_kept, c.x_order)
-            + moved(c.y_order, out_axes)
-            + moved(w_axes, c.w_order)
-            + (BROADCAST_PASSES * cost_size(c.bcast) * cost_size(w_axes) if c.bcast else 0)
-            + (loop_copies + LOOP_STEP_COST * cost_size(c.loop) if c.loop else 0)
-        )
-
-    best = _stored_weight_order(w_axes, x_free, contracted, batch) if stored_weight else None
-    best = best or min(candidates, key=cost)
+def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
+    """The :class:`Lowering` of one of :func:`candidates`' choices, for ``_core.execute``."""
+    ax = _classify(plan, x_shape)
+    best, stored_weight = choice.candidate, choice.stored_weight
+    sizes, size, w_axes, out_axes = ax.sizes, ax.size, ax.w_axes, ax.out_axes
+    in_w = set(w_axes)
     x_order, w_order, y_order, x_first = best.x_order, best.w_order, best.y_order, best.x_first
     x_blocks, w_blocks = best.x_blocks, best.w_blocks
     if best.loop:
@@ -326,7 +433,7 @@ def lower(
             tuple(sizes[a] if a in in_w else 1 for a in best.dot_batch) + tail,
             tuple(sizes[a] for a in best.dot_batch) + tail,
         )
-    x_perm = _perm(x_kept, x_order, sizes)
+    x_perm = _perm(ax.x_kept, x_order, sizes)
     w_perm = _perm(w_axes, w_order, sizes)
     x_dot_shape = tuple(size(b) for b in x_blocks)
     w_dot_shape = tuple(size(b) for b in w_blocks)
@@ -337,11 +444,11 @@ def lower(
         in_bias = set(bias_axes)
         bias_perm = _perm(bias_axes, [a for a in y_order if a in in_bias], sizes)
         bias_shape = tuple(sizes[a] if a in in_bias else 1 for a in y_order)
-    out_shape = tuple(math.prod(sizes[a] for a in g) for g in out_groups)
+    out_shape = tuple(math.prod(sizes[a] for a in g) for g in ax.out_groups)
     y_split_shape = tuple(sizes[a] for a in y_order)
     return Lowering(
-        x_flat_shape=tuple(sizes[a] for a in x_axes),
-        sum_axes=tuple(x_axes.index(a) for a in summed),
+        x_flat_shape=tuple(sizes[a] for a in ax.x_axes),
+        sum_axes=tuple(ax.x_axes.index(a) for a in ax.summed),
         x_perm=x_perm,
         x_dot_shape=x_dot_shape,
         w_perm=w_perm,
@@ -358,7 +465,7 @@ def lower(
         out_shape=out_shape,
         strategy=strategy,
         loop=bool(best.loop),
-        flat_axes=(tuple(x_axes), tuple(w_axes), tuple(out_axes)),
+        flat_axes=(tuple(ax.x_axes), tuple(w_axes), tuple(out_axes)),
     )
 
 
@@ -371,10 +478,11 @@ def _stored_weight_order(
     quantization and LoRA) recognise a weight only when the stored param itself is the second
     operand; they also hand over quantized containers that cannot be transposed or reshaped. So
     the dot takes the weight's dimensions where they are, as N-d dimension numbers, and x is
-    brought to ``(batch..., x-only..., contracted...)``, the batch and contracted axes in the
-    weight's order, one dimension per axis (as ``nn.Dense`` passes its input: XLA merges them, and
-    a merged x would look like a weight to qwix's shape heuristic more often). The dot gives
-    ``(batch..., x-only..., w-only...)``, transposed to the output order afterwards.
+    brought to ``(batch..., rows, contracted...)``: the batch and contracted axes one dimension
+    each, in the weight's order, and every x-only axis merged into one ``rows`` dimension (left
+    unmerged, the backward pass's weight-gradient dot contracts over several dimensions and runs
+    about 1.4x slower on XLA:CPU). The dot gives ``(batch..., rows, w-only...)``, transposed to
+    the output order afterwards.
     """
     in_x = set(batch) | set(contracted)
     b_w = [a for a in w_axes if a in batch]
@@ -389,17 +497,19 @@ def _stored_weight_order(
         x_order=b_w + x_free + k_w,
         w_order=list(w_axes),
         y_order=b_w + x_free + g_w,
-        x_blocks=[[a] for a in b_w + x_free + k_w],
+        x_blocks=[*([a] for a in b_w), *([x_free] if x_free else []), *([a] for a in k_w)],
         w_blocks=[[a] for a in w_axes],
     )
 
 
 def _stored_weight_dims(c: _Candidate, w_axes: list[str]) -> DimensionNumbers:
-    """Dimension numbers of :func:`_stored_weight_order`'s dot: x's axes against w's."""
-    x_axes = [block[0] for block in c.x_blocks]
-    contracted = [(i, w_axes.index(a)) for i, a in enumerate(x_axes) if a in w_axes]
-    contracted = [(i, j) for i, j in contracted if x_axes[i] not in c.dot_batch]
-    batch = [(x_axes.index(a), w_axes.index(a)) for a in c.dot_batch]
+    """Dimension numbers of :func:`_stored_weight_order`'s dot: x's blocks against w's axes."""
+    batch = [(i, w_axes.index(b[0])) for i, b in enumerate(c.x_blocks) if b[0] in c.dot_batch]
+    contracted = [
+        (i, w_axes.index(b[0]))
+        for i, b in enumerate(c.x_blocks)
+        if len(b) == 1 and b[0] in w_axes and b[0] not in c.dot_batch
+    ]
     return (
         (tuple(i for i, _ in contracted), tuple(j for _, j in contracted)),
         (tuple(i for i, _ in batch), tuple(j for _, j in batch)),

@@ -21,8 +21,10 @@ import pytest
 
 import einmix_jax as em
 from einmix_jax import _lower
-from einmix_jax._core import execute
+from einmix_jax._core import apply_lowering, execute
 from einmix_jax._lower import Lowering, lower
+
+from .reference import reference_einmix
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_D = (((1,), (0,)), ((), ()))
@@ -453,3 +455,82 @@ def test_benchmark_smoke():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| einmix |" in result.stdout and "Worst einmix ratio" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# The candidates: every lowering the planner considers runs and is right; lower() takes the cheapest
+# ------------------------------------------------------------------------------------------
+
+# (pattern, weight_shape, bias_shape, every axis length): one of each kind of candidate set
+CANDIDATE_CASES = [
+    ("b t c -> b u c", "t u", "u", dict(b=3, t=6, u=5, c=16)),  # 16 rows: loops allowed
+    ("b h t c -> b h t d", "h c d", "h d", dict(b=3, h=2, t=16, c=5, d=3)),
+    ("b t (h c) -> b t (h d)", "h c d", "h d", dict(b=2, t=16, h=2, c=3, d=4)),
+    ("b h t e -> b t c", "h e c", "c", dict(b=2, h=2, t=16, e=2, c=5)),
+]
+
+
+@pytest.mark.parametrize(("pattern", "weight_shape", "bias_shape", "sizes"), CANDIDATE_CASES)
+def test_every_candidate_matches_the_reference(pattern, weight_shape, bias_shape, sizes):
+    axes = {a: sizes[a] for a in weight_shape.split()}
+    layer = em.layer(pattern, weight_shape=weight_shape, bias_shape=bias_shape, **axes)
+    x, w, ct, _, gw_ref, gx_ref = einsum_case(
+        pattern, weight_shape, sizes, np.random.default_rng(1)
+    )
+    bias = np.random.default_rng(2).normal(size=[sizes[a] for a in bias_shape.split()])
+    y_ref = reference_einmix(pattern, weight_shape, bias_shape, x, w, bias, sizes)
+    choices = [
+        *_lower.candidates(layer.plan, x.shape, loops=True),
+        *_lower.candidates(layer.plan, x.shape, stored_weight=True),
+    ]
+    assert len({c.label for c in choices}) == len(choices)  # labels name them
+    assert any(c.candidate.loop for c in choices) and any(c.candidate.bcast for c in choices)
+    lowerings = [_lower.build(layer.plan, x.shape, c) for c in choices]
+
+    def run(p, x, ct, low):
+        y = apply_lowering(low, p, x, layer)
+        return jnp.vdot(y, ct), y
+
+    @jax.jit
+    def every(p, x, ct):  # one compile for all candidates (the suite stays fast)
+        return [jax.value_and_grad(run, (0, 1), has_aux=True)(p, x, ct, low) for low in lowerings]
+
+    f32 = np.float32
+    params = {"weight": w.astype(f32), "bias": bias.astype(f32)}
+    outs = every(params, x.astype(f32), ct.astype(f32))
+    for choice, ((_, y), (g, gx)) in zip(choices, outs, strict=True):
+        for got, want in ((y, y_ref), (g["weight"], gw_ref), (gx, gx_ref)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=choice.label)
+
+
+# (pattern, weight_shape, x_shape, axes): the benchmark's shapes
+PLANNER_SHAPES = [
+    ("b t c -> b t d", "c d", (32, 256, 512), dict(c=512, d=2048)),
+    ("b t c -> b u c", "t u", (64, 196, 512), dict(t=196, u=256)),
+    ("b t (h c) -> b t (h d)", "h c d", (16, 256, 1024), dict(h=16, c=64, d=64)),
+    ("b t (h c) -> b t (h d)", "h c d", (16, 32, 4096), dict(h=32, c=128, d=128)),
+    (
+        "b (h ph) (w pw) c -> b (h w) d",
+        "ph pw c d",
+        (32, 224, 224, 3),
+        dict(ph=16, pw=16, c=3, d=768),
+    ),
+    ("b c h w -> b d h w", "c d", (16, 256, 32, 32), dict(c=256, d=256)),
+    ("b h t e -> b t c", "h e c", (16, 8, 256, 64), dict(h=8, e=64, c=512)),
+    ("b t c -> b d", "c d", (64, 196, 512), dict(c=512, d=1024)),
+]
+
+
+@pytest.mark.parametrize("loops", [True, False])
+@pytest.mark.parametrize(("pattern", "weight_shape", "x_shape", "axes"), PLANNER_SHAPES)
+def test_lower_builds_the_first_cheapest_candidate(pattern, weight_shape, x_shape, axes, loops):
+    plan = em.layer(pattern, weight_shape=weight_shape, **axes).plan
+    choices = _lower.candidates(plan, x_shape, loops)
+    cheapest = min(c.cost for c in choices)
+    chosen = _lower.choose(choices)
+    assert chosen is next(c for c in choices if c.cost == cheapest)
+    assert lower(plan, x_shape, loops) == _lower.build(plan, x_shape, chosen)
+    assert loops or not any(c.candidate.loop for c in choices)
+    stored = _lower.candidates(plan, x_shape, loops, stored_weight=True)
+    assert [c.label for c in stored] == ["weight as stored"]
+    assert lower(plan, x_shape, loops, True) == _lower.build(plan, x_shape, stored[0])

@@ -1,0 +1,53 @@
+"""The planner-regret benchmark runs: a tiny corpus, one round, its report's structure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_regret_benchmark_smoke(tmp_path):
+    out = tmp_path / "regret.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "regret.py"),
+            "--tiny",
+            "--n",
+            "2",
+            "--kinds",
+            "mix first axis",
+            "summed axis",
+            "--no-write",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    records = report["records"]
+    assert len(records) == 2 and {r["kind"] for r in records} <= {"mix first axis", "summed axis"}
+    for r in records:
+        rows = r["rows"]
+        assert r["chosen"] in rows and r["chosen"].startswith("cand: ")
+        assert {"flax path", "rearrange+einsum", "einops layer"} <= set(rows)
+        assert not rows[r["chosen"]]["pruned"]
+        # the chosen candidate is the first cheapest
+        costs = [row["cost"] for row in rows.values() if row["cost"] is not None]
+        assert rows[r["chosen"]]["cost"] == min(costs)
+        for metric in ("fwd", "fwd+bwd"):
+            assert r[f"regret {metric}"] >= 1 and r[f"flax path regret {metric}"] >= 1
+            assert r[f"best {metric}"] in rows
+            assert r[f"compile vs einops {metric}"] > 0
+    for metric, stats in report["distribution"].items():
+        assert set(stats) == {"median", "p90", "max", "over 1.05"}, metric
+        assert stats["median"] <= stats["p90"] <= stats["max"]
+    assert "Candidate sets:" in result.stdout and "Worst five" in result.stdout
