@@ -94,6 +94,12 @@ def test_no_loop_of_matrix_vector_products():
     assert low.x_dot_shape == (32, 512, 128) and low.w_dot_shape == (32, 128, 128)
 
 
+def test_no_loop_of_small_gemms():
+    # 7x7 pixels per image: a loop over the batch would run 590 GEMMs of 49 rows
+    low = lowering("b c h w -> b d h w", "c d", (590, 256, 7, 7), c=256, d=256)
+    assert not low.loop
+
+
 def test_channels_first_mixes_channels_in_place():
     # a loop would copy 16 slices of 1 MB in and out; the broadcast weight is only 16 x 256 KB
     low = lowering("b c h w -> b d h w", "c d", (16, 256, 32, 32), c=256, d=256)
@@ -463,10 +469,10 @@ def test_benchmark_smoke():
 
 # (pattern, weight_shape, bias_shape, every axis length): one of each kind of candidate set
 CANDIDATE_CASES = [
-    ("b t c -> b u c", "t u", "u", dict(b=3, t=6, u=5, c=16)),  # 16 rows: loops allowed
-    ("b h t c -> b h t d", "h c d", "h d", dict(b=3, h=2, t=16, c=5, d=3)),
-    ("b t (h c) -> b t (h d)", "h c d", "h d", dict(b=2, t=16, h=2, c=3, d=4)),
-    ("b h t e -> b t c", "h e c", "c", dict(b=2, h=2, t=16, e=2, c=5)),
+    ("b t c -> b u c", "t u", "u", dict(b=3, t=6, u=5, c=64)),  # 64 rows: loops allowed
+    ("b h t c -> b h t d", "h c d", "h d", dict(b=3, h=2, t=64, c=5, d=3)),
+    ("b t (h c) -> b t (h d)", "h c d", "h d", dict(b=2, t=64, h=2, c=3, d=4)),
+    ("b h t e -> b t c", "h e c", "c", dict(b=2, h=2, t=64, e=2, c=5)),
 ]
 
 

@@ -28,7 +28,8 @@ def test_multidevice_suite_passes_on_8_devices():
         "JAX_PLATFORMS": "cpu",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/multidevice", "-p", "no:cacheprovider"],
+        # one process: this test already runs beside the suite's other workers
+        [sys.executable, "-m", "pytest", "tests/multidevice", "-p", "no:cacheprovider", "-n", "0"],
         cwd=ROOT,
         env=env,
         capture_output=True,
