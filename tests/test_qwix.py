@@ -21,7 +21,7 @@ from flax import nnx
 
 import einmix_jax as em
 
-from .reference import reference_einmix
+from .test_core import Case
 
 qwix = pytest.importorskip("qwix")
 
@@ -50,16 +50,9 @@ class Kind:
         )
 
     def reference(self, params: dict, x: np.ndarray) -> np.ndarray:
-        bias = params.get("bias")
-        return reference_einmix(
-            self.pattern,
-            self.weight_shape,
-            self.bias_shape,
-            np.asarray(x, np.float64),
-            np.asarray(params["weight"], np.float64),
-            None if bias is None else np.asarray(bias, np.float64),
-            self.sizes,
-        )
+        """The numpy reference (float64), as the core's tests compute it."""
+        case = Case(self.pattern, self.weight_shape, self.bias_shape, self.sizes, self.x_shape)
+        return case.reference(params, np.asarray(x))
 
 
 KINDS = {
