@@ -20,6 +20,7 @@ from ._core import EinMix, init, layer
 from ._describe import describe
 from ._errors import EinMixError
 from ._init import Initializer
+from ._measure import measured_planning
 from ._shard import param_axes, param_shardings, param_specs, with_out_sharding
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "describe",
     "init",
     "layer",
+    "measured_planning",
     "param_axes",
     "param_shardings",
     "param_specs",

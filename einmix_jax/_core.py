@@ -27,6 +27,8 @@ from jax.typing import ArrayLike, DTypeLike
 from ._errors import EinMixError
 from ._init import Initializer, lecun_uniform_bias, lecun_uniform_weight
 from ._lower import Lowering, lower
+from ._measure import measuring
+from ._measure import plan as measured_plan
 from ._options import axes_repr, check_options, merge_sizes, options_repr, reject_length
 from ._parse import Plan, normalize_axes, parse
 from ._shard import OutSharding, apply_sharded, explicit_mesh_active
@@ -249,7 +251,7 @@ class EinMix:
                 self, None, dataclasses.replace(self, weight_init=None, bias_init=None)
             )
         else:
-            key = _Computation.of(self, lower(self.plan, tuple(x.shape)), None)
+            key = _Computation.of(self, _lowering(self, weight, bias, x), None)
         params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
         return _COMPILED(key)(params, x)
 
@@ -382,12 +384,51 @@ def _short(value: Any) -> str:
 
 
 def _apply(
-    params: Params, x: ArrayLike, *, layer: EinMix, stored_weight: bool = False
+    params: Params,
+    x: ArrayLike,
+    *,
+    layer: EinMix,
+    stored_weight: bool = False,
+    measure: bool = False,
 ) -> jax.Array:
     weight, bias = _check_params(layer, params)
     x = jnp.asarray(x)
-    low = lower(layer.plan, tuple(x.shape), stored_weight=stored_weight)
+    if measure and not stored_weight:
+        low = _lowering(layer, weight, bias, x)
+    else:
+        packs = _packs(weight)
+        low = lower(layer.plan, tuple(x.shape), stored_weight=stored_weight, packs=packs)
     return _compute(low, layer, weight, bias, x)
+
+
+def _packs(weight: Any) -> bool | None:
+    """No block-diagonal packing of a weight whose type carries mesh axes (explicit sharding:
+    the packing's reshapes would need them respecified); else the planner's default."""
+    sharding = getattr(jax.typeof(weight), "sharding", None) if _is_array(weight) else None
+    spec = getattr(sharding, "spec", None) or ()
+    return False if any(p is not None for p in spec) else None
+
+
+def _lowering(layer: EinMix, weight: Any, bias: jax.Array | None, x: jax.Array) -> Lowering:
+    """The planner's lowering for ``x``; measured inside ``einmix_jax.measured_planning()``."""
+    packs = _packs(weight)
+    if not measuring() or not _is_array(weight):  # a tool's quantized container: as planned
+        return lower(layer.plan, tuple(x.shape), packs=packs)
+
+    def run(low: Lowering, w: jax.Array, b: jax.Array | None, x: jax.Array) -> jax.Array:
+        return _compute(low, layer, w, b, x)
+
+    options = (layer.dtype, layer.precision, layer.preferred_element_type)
+    return measured_plan(
+        layer.plan,
+        tuple(x.shape),
+        _dtype(layer, weight, bias, x),
+        weight.dtype,
+        bias is not None,
+        (*options, hook_key(layer.dot_general)),
+        run,
+        packs,
+    )
 
 
 def apply_lowering(low: Lowering, params: Params, x: ArrayLike, layer: EinMix) -> jax.Array:
@@ -417,6 +458,16 @@ def _compute(
     low: Lowering, options: _Options, weight: Any, bias: jax.Array | None, x: jax.Array
 ) -> jax.Array:
     """The dtype rule, then the lowering's steps (:func:`execute`), on checked params."""
+    dtype = _dtype(options, weight, bias, x)
+    x = x.astype(dtype)
+    if _is_array(weight) and weight.dtype != dtype:  # a container is the tool's to convert
+        weight = weight.astype(dtype)
+    y = execute(low, x, weight, options, bias)
+    return y.reshape(low.out_shape)
+
+
+def _dtype(options: _Options, weight: Any, bias: jax.Array | None, x: jax.Array) -> Any:
+    """The computation dtype: ``options.dtype``, else that of x and the params together."""
     dtype = options.dtype
     if dtype is None:  # the layer's own rule, also under jax_numpy_dtype_promotion='strict'
         # a quantized weight container counts with the dtype it stands for
@@ -425,11 +476,7 @@ def _compute(
             dtype = jnp.result_type(x, *operands)
             if not jnp.issubdtype(dtype, jnp.inexact):  # integer x and params: the default
                 dtype = jnp.result_type(dtype, float)  # float (float64 under x64), not float32
-    x = x.astype(dtype)
-    if _is_array(weight) and weight.dtype != dtype:  # a container is the tool's to convert
-        weight = weight.astype(dtype)
-    y = execute(low, x, weight, options, bias)
-    return y.reshape(low.out_shape)
+    return dtype
 
 
 #: The most compiled functional applies the library keeps at once: one per distinct computation
@@ -512,7 +559,12 @@ def execute(
     if low.sum_axes:
         x = x.sum(low.sum_axes)
     x = _transpose(x, low.x_perm).reshape(low.x_dot_shape)
-    w = _transpose(weight, low.w_perm)
+    w = weight
+    if low.w_pack is not None:  # k groups on the diagonal of one block (see _lower._packed)
+        split, eye, at = low.w_pack
+        identity = jnp.eye(eye[at], dtype=w.dtype).reshape(eye)
+        w = jnp.expand_dims(w.reshape(split), at) * identity
+    w = _transpose(w, low.w_perm)
     if low.w_broadcast is not None:
         w = jnp.broadcast_to(w.reshape(low.w_broadcast[0]), low.w_broadcast[1])
     if tuple(w.shape) != low.w_dot_shape:  # else the weight goes in as it is (see _lower)
@@ -546,7 +598,7 @@ def _apply_maybe_sharded(
     compute = functools.partial(_apply, stored_weight=stored_weight)
     if layer.out_sharding is not None or explicit_mesh_active():
         return apply_sharded(compute, params, x, layer)
-    return compute(params, x, layer=layer)
+    return compute(params, x, layer=layer, measure=True)
 
 
 def apply_traced(

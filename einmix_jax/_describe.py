@@ -25,8 +25,8 @@ Shape = tuple[int, ...]
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One shape operation: ``operand`` (``'x'``, ``'weight'``, ``'y'`` or ``'bias'``) goes
-    through ``op`` (``'reshape'``, ``'sum'``, ``'transpose'``, ``'broadcast'``, ``'dot_general'``
-    or ``'add'``) with argument ``arg`` (a shape, axes, a permutation or dimension numbers) and
+    through ``op`` (``'reshape'``, ``'sum'``, ``'transpose'``, ``'broadcast'``, ``'pack'``,
+    ``'dot_general'`` or ``'add'``) with argument ``arg`` (a shape, axes, a permutation or dimension numbers) and
     comes out with ``shape``, whose dimensions hold the axes ``labels``."""
 
     operand: str
@@ -46,6 +46,11 @@ class Step:
             return f"{self.operand}: transpose {self.arg} -> {dims}"
         if self.op == "broadcast":
             return f"{self.operand}: broadcast to {dims}"
+        if self.op == "pack":
+            return (
+                f"{self.operand}: pack {self.arg} groups of {self.note} block-diagonally "
+                f"(zero off the diagonal) -> {dims}"
+            )
         if self.op == "add":
             return f"y: add bias reshaped to {_dims(self.labels, self.arg)}"
         raise AssertionError(self.op)
@@ -67,8 +72,10 @@ class Description:
         after: steps on the contraction's result (and the bias add) to the output.
         out_shape: the output shape.
         param_count: number of weight and bias entries.
-        dot_flops: ``2 * multiply-adds`` of the contraction.
+        dot_flops: ``2 * multiply-adds`` of the contraction (the layer's, whatever the lowering).
         flops: ``dot_flops`` plus the additions of the bias and of any axis summed away.
+        executed_dot_flops: what the ``dot_general`` runs: ``dot_flops``, or ``k`` times that
+            with ``k`` groups packed block-diagonally (the zeros are multiplied too).
     """
 
     layer: EinMix
@@ -82,16 +89,19 @@ class Description:
     param_count: int
     dot_flops: int
     flops: int
+    executed_dot_flops: int  #: what the dot computes: more than dot_flops when block-diagonal
 
     @property
     def strategy(self) -> str:
-        """The lowering picked: ``'x first'``, ``'w first'``, ``'broadcast batch'`` or ``'loop'``."""
+        """The lowering picked: ``'x first'``, ``'w first'``, ``'broadcast batch'``, ``'loop'``,
+        ``'block-diagonal'`` or (the Flax layers) ``'weight as stored'``."""
         return self.lowering.strategy
 
     @property
     def rearranges(self) -> tuple[Step, ...]:
-        """The transposes and broadcasts (the steps that move data; reshapes are free)."""
-        return tuple(s for s in self.before + self.after if s.op in ("transpose", "broadcast"))
+        """The transposes, broadcasts and packings (the steps that move data; reshapes are free)."""
+        moves = ("transpose", "broadcast", "pack")
+        return tuple(s for s in self.before + self.after if s.op in moves)
 
     def __str__(self) -> str:
         shapes = self.layer.param_shapes
@@ -116,6 +126,11 @@ class Description:
             f"    lax.dot_general({names[0]} {lhs}, {names[1]} {rhs},",
             f"                    dimension_numbers={dims})",
             f"    -> {_dims(self.contraction.labels, self.contraction.shape)}",
+            *(
+                [f"    (runs {self.executed_dot_flops:,} FLOPs: the zeros off the diagonal too)"]
+                if self.executed_dot_flops != self.dot_flops
+                else []
+            ),
             "  after the contraction:",
             *(f"    {s}" for s in self.after or ["(nothing: the result is the output)"]),
         ]
@@ -265,7 +280,7 @@ def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> De
     x_axes, w_axes, out_axes = (list(a) for a in low.flat_axes)
     sizes = dict(zip(x_axes, low.x_flat_shape, strict=True))
     sizes.update(zip(out_axes, low.out_flat_shape, strict=True))
-    sizes.update(zip(w_axes, mix.plan.weight_sizes, strict=True))
+    sizes.update(zip(mix.plan.weight_axes, mix.plan.weight_sizes, strict=True))
 
     def shape_of(names: list[str]) -> Shape:
         return tuple(sizes[a] for a in names)
@@ -294,6 +309,12 @@ def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> De
 
     # the weight: transpose, broadcast along the x-only batch axes, merge into the dot's operand
     names, current = w_axes, mix.plan.weight_sizes
+    if low.w_pack is not None:  # k groups on the diagonal of one block
+        split, eye, at = low.w_pack
+        before.append(step("weight", "reshape", split, w_axes[:at] + w_axes[at + 1 :]))
+        pack = step("weight", "pack", eye[at], w_axes)
+        before.append(dataclasses.replace(pack, note=w_axes[at].split(".")[0]))
+        current = pack.shape
     if low.w_perm is not None:
         names = _permuted(names, low.w_perm)
         before.append(step("weight", "transpose", low.w_perm, names))
@@ -332,6 +353,9 @@ def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> De
             (x_labels[0], *dot_labels),
             dot_flops * loop,
         )
+    packed_flops = dot_flops
+    if low.w_pack is not None:  # the layer's FLOPs; the dot also multiplies the zeros
+        dot_flops //= low.w_pack[1][low.w_pack[2]]
     operands = "x" if low.x_first else "weight"
     dims = (lhs, rhs, low.dimension_numbers)
     contraction = Step(operands, "dot_general", dims, dot_shape, dot_labels)
@@ -379,4 +403,5 @@ def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> De
         param_count=sum(math.prod(s) for s in mix.param_shapes.values()),
         dot_flops=dot_flops,
         flops=dot_flops + sum_adds + bias_adds,
+        executed_dot_flops=packed_flops,
     )

@@ -37,14 +37,29 @@ stay in front, in x's order, in x, in the dot result and so in the output:
 transposed to the output order, so the add fuses into that transpose and the bias gradient is
 summed from the output gradient in the layout the backward dots use anyway.
 
-The cost, in elements moved. A transpose of x, of the dot result (to the output order) or of the
-weight costs its size; a weight broadcast costs ``BROADCAST_PASSES`` times its size (the copy,
-and the per-slice weight gradient that the backward pass writes and sums); a loop costs
-``LOOP_COPY_FRACTION`` of x and the output (it copies their slices in and out, contiguously)
-plus ``LOOP_STEP_COST`` per iteration (loop overhead, smaller GEMMs). The cheapest candidate is
-taken; ties go to the first (no outer axes, x first, no operand used as ``(D, N, K)``). The loop
-constants are calibrated on XLA:CPU with the benchmark's token-mixing and channels-first cases,
-which fall on either side of the line.
+Block-diagonal packing. A grouped layer (a batch axis ``g`` in x, the weight and the output) whose
+per-group GEMM is narrow (fewer than ``PACK_BELOW`` contracted or weight-only elements) is also
+tried with ``k`` of its groups packed into one block-diagonal weight (:func:`_packed`): ``k``
+times the FLOPs, but one GEMM at the machine's rate instead of a batch of tiny ones. The packed
+weight is built inside the jitted function from the weight as declared, so its gradient flows
+back to the declared params; ``describe`` shows the packing step. Not on several devices,
+where the group axis may be sharded (a packing merges it with others).
+
+The cost: predicted seconds. A candidate's forward and backward passes are counted term by term
+(:data:`TERMS`, :func:`_terms`): the FLOPs of its dots (the backward pass has two, for the
+gradients of x and of the weight); the elements each dot reads and writes, per matrix of a
+batched dot (a batch of tiny GEMMs, or a matrix-vector product, is bound by these, not by its
+FLOPs); the number of matrices (the per-GEMM overhead); the elements a transpose, a weight
+broadcast (forward: the copy; backward: the sum of the per-slice weight gradients) or a packing
+moves, mirrored in the backward pass; the elements a loop copies in and out (and, backward, the
+weight gradient it accumulates per iteration); and the loop's iterations. Each count is exact;
+the seconds per unit (:data:`SECONDS`) are fitted by ``benchmarks/calibrate.py`` to the measured
+forward and forward+backward times of every candidate of the regret benchmark's corpus. The
+planner takes the candidate with the lowest predicted regret, the larger of its predicted
+forward time over the fastest candidate's and the same for forward+backward, so that neither
+inference nor training pays for the other; a loop must win by ``LOOP_MARGIN`` (it compiles two to
+three times slower). Ties go to the first (no outer axes, x first, no operand used as
+``(D, N, K)``).
 
 Typical results: a plain linear layer is one 2-d GEMM between free reshapes; multi-head
 ``'b t (h c) -> b t (h d)'`` moves rows of ``c`` to ``(h, b t, c)`` and back (x first: the moved
@@ -98,6 +113,10 @@ class Lowering:
     w_dot_shape: tuple[int, ...]
     #: broadcast batch: reshape the weight to the first shape (unit axes), broadcast to the second
     w_broadcast: tuple[tuple[int, ...], tuple[int, ...]] | None
+    #: block-diagonal packing (before ``w_perm``): reshape the weight to the first shape, add a
+    #: dimension at the third (the new ``g.k'``) and multiply by the identity reshaped to the
+    #: second shape
+    w_pack: tuple[tuple[int, ...], tuple[int, ...], int] | None
     x_first: bool  #: x is the dot's left operand (else the weight is)
     dimension_numbers: DimensionNumbers
     y_split_shape: tuple[int, ...]  #: dot result (stacked over the loop) with merged dims split
@@ -110,7 +129,8 @@ class Lowering:
     #: the dot result and the bias on the coarsest common view, where the bias is added
     bias_view: tuple[tuple[int, ...], tuple[int, ...]] | None
     out_shape: tuple[int, ...]
-    strategy: str  #: 'x first', 'w first', 'broadcast batch', 'loop' or 'weight as stored'
+    #: 'x first', 'w first', 'broadcast batch', 'loop', 'block-diagonal' or 'weight as stored'
+    strategy: str
     #: x_dot_shape's first dimension is iterated over (``lax.map``); ``dimension_numbers`` and
     #: ``w_dot_shape`` are those of one iteration, whose results are stacked in front
     loop: bool
@@ -154,6 +174,7 @@ class _Candidate:
     y_order: list[str]  #: order of the stacked dot results
     x_blocks: list[list[str]]
     w_blocks: list[list[str]]
+    pack: tuple[str, int] | None = None  #: (batch axis, k): see :func:`_packed`
 
 
 def _loops_pay_off() -> bool:
@@ -214,6 +235,9 @@ class _Axes:
     contracted: list[str]
     x_free: list[str]
     w_free: list[str]
+    bias_axes: list[str] | None
+    #: (batch axis, k): k of its groups packed into one block-diagonal weight (see :func:`_packed`)
+    pack: tuple[str, int] | None = None
 
     def size(self, axes: list[str]) -> int:
         return math.prod(self.sizes[a] for a in axes)
@@ -246,17 +270,92 @@ def _classify(plan: Plan, x_shape: tuple[int, ...]) -> _Axes:
         contracted=[a for a in x_kept if a in in_w and a not in in_out],
         x_free=[a for a in x_kept if a not in in_w],
         w_free=[a for a in out_axes if a in in_w and a not in set(x_axes)],
+        bias_axes=None if plan.bias_axes is None else list(plan.bias_axes),
     )
 
 
-def _enumerate(ax: _Axes, loops: bool) -> list[_Candidate]:
-    """Every candidate, in tie-breaking order (no outer axes and x first come first), no repeats."""
+#: Grouped layers are also tried with ``k`` of their groups packed into one block-diagonal weight
+#: when a group's GEMM is narrower than this (in contracted or weight-only elements): the packed
+#: GEMM does k times the FLOPs, but a batch of tiny GEMMs runs far below the machine's GEMM rate.
+PACK_BELOW = 32
+
+
+def _packings(ax: _Axes) -> list[tuple[str, int]]:
+    """(batch axis, k) for every block-diagonal packing worth costing (see :func:`_packed`).
+
+    For each batch axis of known length, when the per-group GEMM is narrow (but more than a
+    scale or a sum: at least 2 contracted and 2 weight-only elements): all its groups in one
+    GEMM, and the fewest groups that make a block at least ``PACK_BELOW`` wide, if fewer.
+    """
+    out: list[tuple[str, int]] = []
+    width = min(ax.cost_size(ax.contracted), ax.cost_size(ax.w_free))
+    if width < 2 or width >= PACK_BELOW:  # no GEMM (a scale or a sum per group), or wide
+        return out
+    for g in ax.batch:
+        n = ax.sizes[g]
+        if not isinstance(n, int) or n < 2:
+            continue
+        wide = next((k for k in range(2, n) if n % k == 0 and k * width >= PACK_BELOW), n)
+        out += [(g, k) for k in sorted({wide, n})]
+    return out
+
+
+def _packed(ax: _Axes, g: str, k: int) -> _Axes:
+    """The axes of the same layer with ``k`` of batch axis ``g``'s groups packed block-diagonally.
+
+    ``g`` splits into ``g.n`` (``g / k`` groups of groups, left out when 1) and ``g.k``: in x,
+    ``g.k`` becomes a contracted axis; in the output it is ``g.k'``, a weight-only axis; the
+    weight, reshaped to ``(..., g.n, g.k, ...)``, gains ``g.k'`` and is zero off its diagonal
+    ``g.k == g.k'`` (built inside the jitted function, so its gradient flows to the weight as
+    declared). ``'b t (g c) -> b t (g d)'`` with ``k = g`` becomes one ``(b t, g c) @ (g c, g d)``
+    GEMM with neither x nor the output moved: ``g`` times the FLOPs, at the machine's GEMM rate.
+    """
+    n = ax.sizes[g] // k
+    outer = [f"{g}.n"] if n > 1 else []
+    kx, ky = f"{g}.k", f"{g}.k'"
+
+    def sub(axes: list[str], new: list[str]) -> list[str]:
+        return [b for a in axes for b in (new if a == g else [a])]
+
+    extra = {kx: k, ky: k, **({outer[0]: n} if outer else {})}
+    out_groups = [tuple(sub(list(grp), [*outer, ky])) for grp in ax.out_groups]
+    out_axes = [a for grp in out_groups for a in grp]
+    x_axes, x_kept = sub(ax.x_axes, [*outer, kx]), sub(ax.x_kept, [*outer, kx])
+    w_axes = sub(ax.w_axes, [*outer, kx])
+    # g.k' goes before the first weight-only axis that follows g in the output (usually where the
+    # x-first GEMM wants it, so the packed weight needs no transpose)
+    after_g = [a for a in out_axes[out_axes.index(ky) + 1 :] if a in ax.w_free]
+    w_axes.insert(w_axes.index(after_g[0]) if after_g else len(w_axes), ky)
+    in_w, in_out, in_x = set(w_axes), set(out_axes), set(x_axes)
+    return _Axes(
+        sizes={**ax.sizes, **extra},
+        cost_sizes={**ax.cost_sizes, **extra},
+        x_axes=x_axes,
+        out_groups=out_groups,
+        out_axes=out_axes,
+        w_axes=w_axes,
+        summed=ax.summed,
+        x_kept=x_kept,
+        batch=[a for a in x_kept if a in in_w and a in in_out],
+        contracted=[a for a in x_kept if a in in_w and a not in in_out],
+        x_free=ax.x_free,
+        w_free=[a for a in out_axes if a in in_w and a not in in_x],
+        bias_axes=None if ax.bias_axes is None else sub(ax.bias_axes, [*outer, ky]),
+        pack=(g, k),
+    )
+
+
+def _enumerate(ax: _Axes, loops: bool, outer_axes: bool = True) -> list[_Candidate]:
+    """Every candidate, in tie-breaking order (no outer axes and x first come first), no repeats.
+
+    ``outer_axes=False``: only the forms with no outer axes (those of a packed layer).
+    """
     in_w = set(ax.w_axes)
     sizes, x_kept, contracted = ax.sizes, ax.x_kept, ax.contracted
     # The leading run of x's axes that are not contracted: candidates for outer dimensions.
     n_outer = next((i for i, a in enumerate(x_kept) if a in contracted), len(x_kept))
     candidates: list[_Candidate] = []
-    for k in range(n_outer + 1):  # x_kept[:k] stay in front of the dot (k = 0 first: ties)
+    for k in range(n_outer + 1 if outer_axes else 1):  # x_kept[:k] stay in front (k = 0: ties)
         outer = x_kept[:k]
         # loops run over leading x-only axes of known length (lax.map needs a static count)
         free_run = next(
@@ -290,27 +389,111 @@ def _enumerate(ax: _Axes, loops: bool) -> list[_Candidate]:
                     y_order=loop + dot_batch + y_inner,
                     x_blocks=[dot_batch, *x_in],
                     w_blocks=[dot_batch, *w_in],
+                    pack=ax.pack,
                 )
                 if c not in candidates:  # an outer batch axis may repeat an earlier candidate
                     candidates.append(c)
     return candidates
 
 
-def _cost(ax: _Axes, c: _Candidate) -> int:
-    """The candidate's cost in elements moved (see the module docstring)."""
-    sizes, cost_size = ax.sizes, ax.cost_size
+#: The cost model's terms, each counted in the forward and in the backward pass (see
+#: :func:`_terms`): dot FLOPs; elements a dot reads and writes (its operands and result, per
+#: matrix: what makes a batch of small GEMMs or a matrix-vector product memory-bound); dots (per
+#: matrix of a batched dot: the small-GEMM overhead); elements moved by a transpose, a weight
+#: broadcast (and its gradient's sum) or a block-diagonal packing; elements a loop copies in and
+#: out (and the weight gradient it accumulates); loop iterations; and the elements of x and the
+#: output, which every candidate reads and writes (so absolute times fit).
+TERMS = (
+    "flop",
+    "dot element",
+    "narrow dot element",
+    "dot",
+    "moved element",
+    "loop element",
+    "loop step",
+    "io element",
+)
 
-    def moved(src: list[str], dst: list[str]) -> int:
-        return 0 if _perm(src, dst, sizes) is None else cost_size(src)
+#: A GEMM whose weight is narrower than this (contracted or weight-only elements per matrix) runs
+#: far below the machine's rate: its elements count again, times how much narrower it is
+#: (a batch of (m, 2) @ (2, 2) GEMMs moves its elements about ten times slower than a wide one).
+NARROW = 16
 
-    loop_copies = round(LOOP_COPY_FRACTION * (cost_size(ax.x_kept) + cost_size(ax.out_axes)))
-    return (
-        moved(ax.x_kept, c.x_order)
-        + moved(c.y_order, ax.out_axes)
-        + moved(ax.w_axes, c.w_order)
-        + (BROADCAST_PASSES * cost_size(c.bcast) * cost_size(ax.w_axes) if c.bcast else 0)
-        + (loop_copies + LOOP_STEP_COST * cost_size(c.loop) if c.loop else 0)
+#: Seconds per unit of each term on XLA:CPU, fitted by ``benchmarks/calibrate.py`` to the
+#: forward and forward+backward times of every candidate of the regret corpus (seed 0).
+SECONDS: dict[str, float] = {
+    "flop": 3.81e-12,
+    "dot element": 1.86e-10,
+    "narrow dot element": 1.62e-10,
+    "dot": 7.13e-10,
+    "moved element": 3.34e-10,
+    "loop element": 5.54e-10,
+    "loop step": 9.68e-06,
+    "io element": 1.94e-10,
+}
+
+#: A loop is taken only when it is predicted this much faster than the best form without one:
+#: ``lax.map`` compiles two to three times slower than one dot.
+LOOP_MARGIN = 0.05
+
+
+def _terms(ax: _Axes, c: _Candidate) -> tuple[dict[str, float], dict[str, float]]:
+    """The candidate's count of each of :data:`TERMS` in the forward and in the backward pass.
+
+    Example:
+        >>> from ._parse import parse
+        >>> plan = parse('b t c -> b t d', 'c d', None, (('c', 4), ('d', 3)))
+        >>> ax = _classify(plan, (2, 5, 4))
+        >>> fwd, bwd = _terms(ax, _enumerate(ax, loops=False)[0])
+        >>> fwd['flop'], bwd['flop'], fwd['dot element'], fwd['moved element']
+        (240, 480, 82, 0)
+    """
+    cs, sizes = ax.cost_size, ax.sizes
+    outer = set(c.loop) | set(c.dot_batch)
+    steps = cs(c.loop) if c.loop else 1
+    d, k, n = cs(c.dot_batch), cs(ax.contracted), cs(ax.w_free)
+    m = cs([a for a in ax.x_free if a not in outer])
+    x_size, y_size, w_size = cs(ax.x_kept), cs(ax.out_axes), cs(ax.w_axes)
+
+    def moved(src: list[str], dst: list[str], size: int) -> int:
+        return 0 if _perm(src, dst, sizes) is None else size
+
+    transposes = (
+        moved(ax.x_kept, c.x_order, x_size)
+        + moved(c.y_order, ax.out_axes, y_size)
+        + moved(ax.w_axes, c.w_order, w_size)
     )
+    # the broadcast copy (forward) and the sum of the per-slice weight gradients (backward)
+    bcast = d * k * n if c.bcast else 0
+    pack = w_size if c.pack else 0  # the packed weight written; its gradient masked and summed
+    loop_io = x_size + y_size if c.loop else 0
+    io = cs(ax.x_axes) + y_size
+    elements = steps * d * (m * k + k * n + m * n)
+    fwd = {
+        "flop": 2 * steps * d * m * k * n,
+        "dot element": elements,
+        "narrow dot element": elements * max(0.0, NARROW / max(1, min(k, n)) - 1),
+        "dot": steps * d,
+        "moved element": transposes + bcast + pack,
+        "loop element": loop_io,
+        "loop step": steps if c.loop else 0,
+        "io element": io,
+    }
+    bwd = {  # the two dots of the gradients, the same moves mirrored
+        "flop": 2 * fwd["flop"],
+        "dot element": 2 * fwd["dot element"],
+        "narrow dot element": 2 * fwd["narrow dot element"],
+        "dot": 2 * fwd["dot"],
+        "moved element": fwd["moved element"],
+        "loop element": loop_io + (steps * d * k * n if c.loop else 0),  # + the dw accumulation
+        "loop step": fwd["loop step"],
+        "io element": 2 * io,
+    }
+    return fwd, bwd
+
+
+def _seconds(terms: dict[str, float]) -> float:
+    return sum(SECONDS[t] * terms[t] for t in TERMS)
 
 
 def _label(c: _Candidate, stored_weight: bool = False) -> str:
@@ -326,6 +509,8 @@ def _label(c: _Candidate, stored_weight: bool = False) -> str:
         parts.append(f"batch ({' '.join(c.dot_batch)})")
     if c.bcast:
         parts.append(f"broadcast over {' '.join(c.bcast)}")
+    if c.pack:
+        parts.append(f"{c.pack[1]} of {c.pack[0]} packed block-diagonal")
     return ", ".join(parts)
 
 
@@ -334,43 +519,88 @@ class Choice:
     """One candidate lowering the planner considers, with its cost; :func:`build` makes it."""
 
     label: str  #: e.g. 'x first', 'w first, rhs (D,N,K)', 'loop over b', 'broadcast over b'
-    cost: int  #: in elements moved; the planner takes the first of the cheapest
+    #: the predicted regret: the larger of this candidate's predicted forward time over the
+    #: fastest candidate's, and the same for forward+backward (a loop's times LOOP_MARGIN more);
+    #: the planner takes the first of the lowest
+    cost: float
     candidate: _Candidate
     stored_weight: bool = False
+    fwd: float = 0.0  #: predicted seconds of the forward pass
+    fwd_bwd: float = 0.0  #: ... and of the forward and backward passes
 
 
 def candidates(
-    plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None, stored_weight: bool = False
+    plan: Plan,
+    x_shape: tuple[int, ...],
+    loops: bool | None = None,
+    stored_weight: bool = False,
+    packs: bool | None = None,
 ) -> list[Choice]:
     """Every lowering :func:`lower` chooses from, in its tie-breaking order, with its cost.
 
-    ``lower(plan, x_shape, loops, stored_weight)`` is ``build`` of the first cheapest of these.
-    With ``stored_weight`` there is one, the Flax layers' form, at cost 0.
+    ``lower(plan, x_shape, loops, stored_weight, packs)`` is ``build`` of the first cheapest of
+    these. With ``stored_weight`` there is one, the Flax layers' form, at cost 1. ``packs``
+    allows block-diagonal packings; ``None`` allows them on a single device (a packing merges the
+    group axis, which may be sharded).
 
     Example:
         >>> from ._parse import parse
         >>> plan = parse('b t c -> b u c', 't u', None, (('t', 196), ('u', 256)))
         >>> choices = candidates(plan, (64, 196, 512), loops=True)
-        >>> for c in choices:
+        >>> for c in choices:  # predicted regret, forward and forward+backward seconds
         ...     if 'rhs' not in c.label:
-        ...         print(f'{c.label:40} {c.cost:>10,}')
-        x first                                  14,811,136
-        w first                                  14,861,312
-        x first, batch (b), broadcast over b     21,233,664
-        w first, batch (b), broadcast over b      6,472,704
-        x first, loop over b                     20,010,325
-        w first, loop over b                      5,249,365
+        ...         print(f'{c.label:38} {c.cost:4.2f} {c.fwd * 1e3:5.1f} ms {c.fwd_bwd * 1e3:5.1f} ms')
+        x first                                1.16  23.1 ms  64.4 ms
+        w first                                1.17  23.1 ms  64.4 ms
+        x first, batch (b), broadcast over b   1.25  24.8 ms  68.3 ms
+        w first, batch (b), broadcast over b   1.00  19.8 ms  58.4 ms
+        x first, loop over b                   1.72  32.5 ms  85.6 ms
+        w first, loop over b                   1.46  27.6 ms  75.7 ms
         >>> choose(choices).label
-        'w first, loop over b'
+        'w first, batch (b), broadcast over b'
     """
     ax = _classify(plan, x_shape)
     if stored_weight:
-        c = _stored_weight_order(ax.w_axes, ax.x_free, ax.contracted, ax.batch)
-        return [Choice(_label(c, True), 0, c, True)]
-    if loops is None:
-        loops = _loops_pay_off()
-    found = _enumerate(ax, loops)
-    return [Choice(_label(c), _cost(ax, c), c) for c in found]
+        found = [(ax, _stored_weight_order(ax.w_axes, ax.x_free, ax.contracted, ax.batch))]
+    else:
+        if loops is None:
+            loops = _loops_pay_off()
+        found = [(ax, c) for c in _enumerate(ax, loops)]
+        if packs is None:  # not on several devices, where the group axis may be sharded
+            packs = jax.device_count() == 1
+        for g, k in _packings(ax) if packs else []:
+            packed = _packed(ax, g, k)
+            found += [(packed, c) for c in _enumerate(packed, loops=False, outer_axes=False)]
+    times = []
+    for axes, c in found:
+        fwd, bwd = _terms(axes, c)
+        times.append((_seconds(fwd), _seconds(fwd) + _seconds(bwd)))
+    best_fwd = min(t[0] for t in times) or 1.0
+    best_fb = min(t[1] for t in times) or 1.0
+    return [
+        Choice(
+            _label(c, stored_weight),
+            max(f / best_fwd, fb / best_fb) * (1 + LOOP_MARGIN if c.loop else 1),
+            c,
+            stored_weight,
+            f,
+            fb,
+        )
+        for (_, c), (f, fb) in zip(found, times, strict=True)
+    ]
+
+
+def terms(
+    plan: Plan, x_shape: tuple[int, ...], choice: Choice
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The cost model's terms of one of :func:`candidates`' choices, forward and backward.
+
+    ``benchmarks/calibrate.py`` fits :data:`SECONDS` to measured times with these.
+    """
+    ax = _classify(plan, x_shape)
+    if choice.candidate.pack:
+        ax = _packed(ax, *choice.candidate.pack)
+    return _terms(ax, choice.candidate)
 
 
 def choose(choices: list[Choice]) -> Choice:
@@ -380,12 +610,16 @@ def choose(choices: list[Choice]) -> Choice:
 
 @functools.lru_cache(maxsize=4096)
 def lower(
-    plan: Plan, x_shape: tuple[int, ...], loops: bool | None = None, stored_weight: bool = False
+    plan: Plan,
+    x_shape: tuple[int, ...],
+    loops: bool | None = None,
+    stored_weight: bool = False,
+    packs: bool | None = None,
 ) -> Lowering:
     """Decide the lowering of ``plan`` for an input of ``x_shape`` (cached).
 
     ``loops`` allows the loop candidates (see the module docstring); ``None`` allows them on a
-    single XLA:CPU device. ``stored_weight`` asks for the one lowering in which the weight is the
+    single XLA:CPU device; ``packs`` the block-diagonal packings (``None``: on a single device). ``stored_weight`` asks for the one lowering in which the weight is the
     dot's right operand exactly as stored (see :func:`_stored_weight_order`), as the Flax layers
     need it. The same as ``build(plan, x_shape, choose(candidates(...)))``.
 
@@ -394,23 +628,27 @@ def lower(
         >>> plan = parse('b t c -> b u c', 't u', None, (('t', 196), ('u', 256)))
         >>> low = lower(plan, (64, 196, 512), loops=True)
         >>> low.strategy, low.x_perm, low.y_perm, low.x_dot_shape, low.w_dot_shape
-        ('loop', None, None, (64, 196, 512), (256, 196))
-        >>> lower(plan, (64, 196, 512), loops=False).w_broadcast
+        ('broadcast batch', None, None, (64, 196, 512), (64, 256, 196))
+        >>> low.w_broadcast
         ((1, 256, 196), (64, 256, 196))
     """
-    return build(plan, x_shape, choose(candidates(plan, x_shape, loops, stored_weight)))
+    return build(plan, x_shape, choose(candidates(plan, x_shape, loops, stored_weight, packs)))
 
 
 def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
     """The :class:`Lowering` of one of :func:`candidates`' choices, for ``_core.execute``."""
     ax = _classify(plan, x_shape)
     best, stored_weight = choice.candidate, choice.stored_weight
+    if best.pack:
+        ax = _packed(ax, *best.pack)
     sizes, size, w_axes, out_axes = ax.sizes, ax.size, ax.w_axes, ax.out_axes
     in_w = set(w_axes)
     x_order, w_order, y_order, x_first = best.x_order, best.w_order, best.y_order, best.x_first
     x_blocks, w_blocks = best.x_blocks, best.w_blocks
     if best.loop:
         strategy = "loop"
+    elif best.pack:
+        strategy = "block-diagonal"
     elif best.bcast:
         strategy = "broadcast batch"
     else:
@@ -440,12 +678,18 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
     w_dot_shape = tuple(size(b) for b in w_blocks)
     y_perm = _perm(y_order, out_axes, sizes)
     bias_perm, bias_shape = None, None
-    if plan.bias_axes is not None:
-        bias_axes = list(plan.bias_axes)
+    if ax.bias_axes is not None:
+        bias_axes = ax.bias_axes
         in_bias = set(bias_axes)
         bias_perm = _perm(bias_axes, [a for a in y_order if a in in_bias], sizes)
         bias_shape = tuple(sizes[a] if a in in_bias else 1 for a in y_order)
     out_shape = tuple(math.prod(sizes[a] for a in g) for g in ax.out_groups)
+    w_pack = None
+    if best.pack:  # the weight with g split into (g.n, g.k), and the identity's shape
+        g, k = best.pack
+        eye = tuple(k if a in (f"{g}.k", f"{g}.k'") else 1 for a in w_axes)
+        at = w_axes.index(f"{g}.k'")
+        w_pack = (tuple(sizes[a] for a in w_axes if a != f"{g}.k'"), eye, at)
     y_split_shape = tuple(sizes[a] for a in y_order)
     return Lowering(
         x_flat_shape=tuple(sizes[a] for a in ax.x_axes),
@@ -455,6 +699,7 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
         w_perm=w_perm,
         w_dot_shape=w_dot_shape,
         w_broadcast=w_broadcast,
+        w_pack=w_pack,
         x_first=x_first,
         dimension_numbers=dims,
         y_split_shape=y_split_shape,

@@ -85,6 +85,12 @@ def replay(d: Description, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -
             return np.transpose(a, step.arg)
         if step.op == "broadcast":
             return np.broadcast_to(a, step.arg)
+        if step.op == "pack":  # the groups on the diagonal: a[..., k, ..., k', ...] = 0 off it
+            kx, ky = step.labels.index(f"{step.note}.k"), step.labels.index(f"{step.note}.k'")
+            eye = np.eye(step.arg).reshape(
+                [step.arg if i in (kx, ky) else 1 for i in range(len(step.labels))]
+            )
+            return np.expand_dims(a, ky) * eye
         raise AssertionError(step.op)
 
     for step in d.before:
@@ -198,7 +204,7 @@ def test_counts_match_independent_formulas(
 def test_rearranges_are_the_moving_steps():
     for pattern, weight_shape, bias_shape, given, x_shape, _ in CASES:
         d = em.describe(pattern, x_shape, weight_shape=weight_shape, bias_shape=bias_shape, **given)
-        moving = [s for s in d.before + d.after if s.op in ("transpose", "broadcast")]
+        moving = [s for s in d.before + d.after if s.op in ("transpose", "broadcast", "pack")]
         assert list(d.rearranges) == moving
         text = str(d)
         assert ("no transpose or broadcast" in text) == (not moving)
@@ -243,8 +249,12 @@ def test_every_form_of_the_layer_gives_the_same_description():
                 first.contraction,
                 first.after,
             )
-    # the Flax layers run (and describe) the lowering that leaves the weight as stored
-    assert functional_forms[0].strategy == "x first"
+    # the functional forms run (and describe) the planner's choice; the Flax layers the
+    # lowering that leaves the weight as stored
+    from einmix_jax import _lower
+
+    assert functional_forms[0].lowering == _lower.lower(functional.plan, x.shape)
+    assert functional_forms[0].strategy != "weight as stored"
     assert flax_forms[0].strategy == "weight as stored"
 
 
@@ -289,31 +299,68 @@ LOOP_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("pattern", "weight_shape", "bias_shape", "given", "x_shape", "sizes"), LOOP_CASES
-)
-def test_loop_lowering_is_described_and_replayed(
-    monkeypatch, pattern, weight_shape, bias_shape, given, x_shape, sizes
-):
+def forced(monkeypatch, which):
+    """Make describe() show the first candidate ``which`` accepts (another planner decision)."""
     from einmix_jax import _describe, _lower
 
-    monkeypatch.setattr(
-        _describe,
-        "lower",
-        lambda plan, shape, stored_weight=False: _lower.lower(plan, shape, True, stored_weight),
-    )
-    mix = em.layer(pattern, weight_shape=weight_shape, bias_shape=bias_shape, **given)
-    d = em.describe(mix, x_shape)
-    assert d.loop == sizes["b"]
-    assert f"lax.map over (b={sizes['b']}) of" in str(d)
+    def lower(plan, shape, stored_weight=False):
+        choices = _lower.candidates(plan, shape, True)
+        return _lower.build(plan, shape, next(c for c in choices if which(c.candidate)))
+
+    monkeypatch.setattr(_describe, "lower", lower)
+
+
+def check_replay(d, pattern, weight_shape, bias_shape, x_shape, sizes):
     rng = np.random.default_rng(0)
     x = rng.normal(size=x_shape)
     w = rng.normal(size=[sizes[a] for a in weight_shape.split()])
     b = rng.normal(size=[sizes[a] for a in bias_shape.split()])
     expected = reference_einmix(pattern, weight_shape, bias_shape, x, w, b, sizes)
     np.testing.assert_allclose(replay(d, x, w, b), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "weight_shape", "bias_shape", "given", "x_shape", "sizes"), LOOP_CASES
+)
+def test_loop_lowering_is_described_and_replayed(
+    monkeypatch, pattern, weight_shape, bias_shape, given, x_shape, sizes
+):
+    forced(monkeypatch, lambda c: c.loop)
+    mix = em.layer(pattern, weight_shape=weight_shape, bias_shape=bias_shape, **given)
+    d = em.describe(mix, x_shape)
+    assert d.loop == sizes["b"]
+    assert f"lax.map over (b={sizes['b']}) of" in str(d)
+    check_replay(d, pattern, weight_shape, bias_shape, x_shape, sizes)
     left, right = (flat_axes(side) for side in pattern.split("->"))
     assert d.dot_flops == 2 * math.prod(sizes[a] for a in {*left, *right})
+
+
+PACKING_CASES = [
+    # (pattern, weight_shape, bias_shape, x_shape, every length, k): n = g / k blocks of k groups
+    ("b t (g c) -> b t (g d)", "g c d", "g d", (2, 3, 32), dict(b=2, t=3, g=8, c=4, d=2), 8),
+    ("b t (g c) -> b t (g d)", "g c d", "g d", (2, 3, 256), dict(b=2, t=3, g=64, c=4, d=2), 16),
+    ("b (g c) -> b (d g)", "c d g", "d", (5, 12), dict(b=5, g=4, c=3, d=2), 4),
+]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "weight_shape", "bias_shape", "x_shape", "sizes", "k"), PACKING_CASES
+)
+def test_block_diagonal_packing_is_described_and_replayed(
+    monkeypatch, pattern, weight_shape, bias_shape, x_shape, sizes, k
+):
+    forced(monkeypatch, lambda c: c.pack is not None and c.pack[1] == k)
+    axes = {a: sizes[a] for a in weight_shape.split()}
+    d = em.describe(em.layer(pattern, weight_shape, bias_shape, **axes), x_shape)
+    assert d.strategy == "block-diagonal"
+    pack = next(s for s in d.before if s.op == "pack")
+    assert f"weight: pack {k} groups of g block-diagonally" in str(pack)
+    assert pack in d.rearranges and str(pack) in str(d)
+    check_replay(d, pattern, weight_shape, bias_shape, x_shape, sizes)
+    left, right = (flat_axes(side) for side in pattern.split("->"))
+    flops = 2 * math.prod(sizes[a] for a in {*left, *right})
+    assert (d.dot_flops, d.executed_dot_flops) == (flops, k * flops)  # the zeros multiplied too
+    assert f"(runs {k * flops:,} FLOPs" in str(d)
 
 
 @pytest.mark.parametrize(
@@ -340,7 +387,9 @@ def test_every_strategy_is_documented():
     for pattern, weight_shape, bias_shape, given, x_shape, _ in CASES + LOOP_CASES:
         mix = em.layer(pattern, weight_shape, bias_shape, **given)
         strategies.add(em.describe(mix, x_shape).strategy)
-        strategies.add(_lower.lower(mix.plan, x_shape, True).strategy)
-    assert "loop" in strategies
+        for stored_weight in (False, True):  # every candidate, the Flax layers' form
+            for c in _lower.candidates(mix.plan, x_shape, True, stored_weight):
+                strategies.add(_lower.build(mix.plan, x_shape, c).strategy)
+    assert {"loop", "block-diagonal", "weight as stored", "broadcast batch"} <= strategies
     for strategy in strategies:
         assert f"'{strategy}'" in Description.strategy.__doc__

@@ -18,10 +18,11 @@ def test_regret_benchmark_smoke(tmp_path):
             str(ROOT / "benchmarks" / "regret.py"),
             "--tiny",
             "--n",
-            "2",
+            "3",
             "--kinds",
             "mix first axis",
             "summed axis",
+            "grouped",
             "--no-write",
             "--json",
             str(out),
@@ -34,20 +35,41 @@ def test_regret_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     records = report["records"]
-    assert len(records) == 2 and {r["kind"] for r in records} <= {"mix first axis", "summed axis"}
+    kinds = {"mix first axis", "summed axis", "grouped"}
+    assert len(records) == 3 and {r["kind"] for r in records} == kinds
     for r in records:
         rows = r["rows"]
         assert r["chosen"] in rows and r["chosen"].startswith("cand: ")
-        assert {"flax path", "rearrange+einsum", "einops layer"} <= set(rows)
+        assert {"flax path", "measured pick", "rearrange+einsum", "einops layer"} <= set(rows)
         assert not rows[r["chosen"]]["pruned"]
         # the chosen candidate is the first cheapest
         costs = [row["cost"] for row in rows.values() if row["cost"] is not None]
         assert rows[r["chosen"]]["cost"] == min(costs)
         for metric in ("fwd", "fwd+bwd"):
             assert r[f"regret {metric}"] >= 1 and r[f"flax path regret {metric}"] >= 1
+            assert r[f"split regret {metric}"] >= 1 and r[f"measured regret {metric}"] >= 1
             assert r[f"best {metric}"] in rows
             assert r[f"compile vs einops {metric}"] > 0
     for metric, stats in report["distribution"].items():
         assert set(stats) == {"median", "p90", "max", "over 1.05"}, metric
         assert stats["median"] <= stats["p90"] <= stats["max"]
     assert "Candidate sets:" in result.stdout and "Worst five" in result.stdout
+    grouped = next(r for r in records if r["kind"] == "grouped")
+    assert any(n.startswith("block-diagonal k=") for n in grouped["rows"])  # hand-written
+    assert any("packed block-diagonal" in n for n in grouped["rows"])  # the planner's
+
+    # the calibration script fits the cost model to these timings
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), str(out), "--check", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from einmix_jax import _lower
+
+    for term in _lower.TERMS:
+        assert f'"{term}": ' in result.stdout
+    assert "Residuals" in result.stdout and "(held out)" in result.stdout
+    assert result.stdout.count("regret fwd+bwd: median") == 3  # current, fitted, held out

@@ -1,0 +1,229 @@
+"""Measured planning (opt-in): time the cost model's best candidates once, keep the fastest.
+
+The cost model of ``_lower`` predicts; on a given machine and XLA version it can be wrong by tens
+of percent where candidates are close, and by more on layouts its terms do not see. Inside
+:func:`measured_planning`, the functional ``apply`` and the Equinox layer instead compile the
+``top`` cheapest candidates for the input's shape and dtype, time their forward and
+forward+backward passes on random values (interleaved, ``ROUNDS`` rounds, medians), and take the
+one with the lowest measured regret (the larger of its forward time over the fastest one's and
+the same for forward+backward; a loop must win by ``LOOP_MARGIN``), exactly the rule the cost
+model applies to its predictions. The decision is kept per configuration (plan, shape, dtype,
+options, backend) for the life of the process (at most ``DECISIONS`` of them, least recently used
+dropped first), so each is measured once.
+
+It costs compile and timing time once per configuration (about ``2 * top`` compiles and a few
+hundred milliseconds); the choice happens while the caller traces, so under ``jax.jit`` the
+context must be active when the function is first traced. The Flax layers have one lowering (the
+weight as stored) and are not affected; nor is a sharded apply (the mesh rules decide there), nor
+a shape with symbolic dimensions (``jax.export``), which fall back to the cost model.
+
+Example:
+    >>> layer = em.layer('b t (g c) -> b t (g d)', 'g c d', 'g d', g=8, c=4, d=4)
+    >>> params = layer.init(jax.random.key(0))
+    >>> with em.measured_planning():
+    ...     y = layer(params, jnp.ones((64, 8, 32)))
+    >>> y.shape
+    (64, 8, 32)
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import EinMixError
+from ._lower import LOOP_MARGIN, Choice, Lowering, build, candidates, lower
+from ._parse import Plan
+
+#: Timing rounds per decision (each times every candidate once, in a rotating order).
+ROUNDS = 5
+#: Seconds each measurement runs for at least (repeating the call).
+MIN_TIME = 0.005
+#: The most decisions kept at once.
+DECISIONS = 4096
+
+_TOP: contextvars.ContextVar[int | None] = contextvars.ContextVar("einmix_measure", default=None)
+
+
+@contextlib.contextmanager
+def measured_planning(top: int = 4) -> Iterator[None]:
+    """Within this context, layers traced choose their lowering by timing (see the module doc).
+
+    Args:
+        top: how many of the cost model's cheapest candidates to time (at least 1).
+
+    Example:
+        >>> layer = em.layer('b t c -> b u c', 't u', t=16, u=16)
+        >>> with em.measured_planning(top=2):
+        ...     layer(layer.init(jax.random.key(0)), jnp.ones((4, 16, 8))).shape
+        (4, 16, 8)
+    """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise EinMixError(f"measured_planning(top=...) must be an int >= 1, got {top!r}")
+    token = _TOP.set(top)
+    try:
+        yield
+    finally:
+        _TOP.reset(token)
+
+
+def measuring() -> bool:
+    """Whether :func:`measured_planning` is active here."""
+    return _TOP.get() is not None
+
+
+class _Decisions:
+    """A bounded LRU of measured choices (labels), keyed by configuration."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._labels: collections.OrderedDict[Any, str] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> str | None:
+        with self._lock:
+            label = self._labels.get(key)
+            if label is not None:
+                self._labels.move_to_end(key)
+            return label
+
+    def put(self, key: Any, label: str) -> None:
+        with self._lock:
+            self._labels[key] = label
+            self._labels.move_to_end(key)
+            while len(self._labels) > self.maxsize:
+                self._labels.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._labels.clear()
+
+
+_DECISIONS = _Decisions(DECISIONS)
+
+#: runs one lowering: (lowering, weight, bias or None, x) -> y
+Execute = Callable[[Lowering, jax.Array, jax.Array | None, jax.Array], jax.Array]
+
+
+def plan(
+    plan: Plan,
+    x_shape: tuple[int, ...],
+    dtype: Any,
+    weight_dtype: Any,
+    has_bias: bool,
+    options_key: Any,
+    execute: Execute,
+    packs: bool | None = None,
+) -> Lowering:
+    """The lowering to run: the measured choice inside :func:`measured_planning`, else ``lower``.
+
+    ``options_key`` identifies everything else the computation depends on (dtype options and
+    the contraction); ``execute`` runs a lowering as the layer does; ``packs`` as for ``lower``.
+    """
+    top = _TOP.get()
+    if top is None or not all(isinstance(n, int) for n in x_shape):
+        return lower(plan, x_shape, packs=packs)
+    key = (plan, x_shape, np.dtype(dtype), np.dtype(weight_dtype), has_bias, options_key) + (
+        jax.default_backend(),
+        top,
+        packs,
+    )
+    choices = candidates(plan, x_shape, packs=packs)
+    label = _DECISIONS.get(key)
+    if label is None:
+        ranked = sorted(choices, key=lambda c: c.cost)[:top]  # stable: ties keep their order
+        label = ranked[0].label
+        if len(ranked) > 1:
+            with jax.ensure_compile_time_eval():  # concrete, also while the caller traces
+                label = _fastest(plan, x_shape, dtype, weight_dtype, has_bias, ranked, execute)
+        _DECISIONS.put(key, label)
+    return build(plan, x_shape, next(c for c in choices if c.label == label))
+
+
+def _timed(f: Callable[..., Any], args: tuple, reps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / reps
+
+
+def _fastest(
+    plan: Plan,
+    x_shape: tuple[int, ...],
+    dtype: Any,
+    weight_dtype: Any,
+    has_bias: bool,
+    ranked: list[Choice],
+    execute: Execute,
+) -> str:
+    """Time the ranked candidates' forward and forward+backward; the label of the best."""
+    rng = np.random.default_rng(0)
+
+    def normal(shape: tuple[int, ...], dt: Any) -> jax.Array:
+        return jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dt)
+
+    w = normal(plan.weight_sizes, weight_dtype)
+    b = normal(plan.bias_sizes, weight_dtype) if has_bias and plan.bias_sizes else None
+    x = normal(x_shape, dtype)
+    lowerings = [build(plan, x_shape, c) for c in ranked]
+    ct = normal(lowerings[0].out_shape, dtype)
+    fns = []
+    for low in lowerings:
+
+        def fwd(w: jax.Array, b: Any, x: jax.Array, low: Lowering = low) -> jax.Array:
+            return execute(low, w, b, x)
+
+        def loss(w: jax.Array, b: Any, x: jax.Array, ct: jax.Array, fwd: Any = fwd) -> jax.Array:
+            return jnp.vdot(fwd(w, b, x), ct)
+
+        f = jax.jit(fwd).lower(w, b, x).compile()
+        fb = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(w, b, x, ct).compile()
+        jax.block_until_ready((f(w, b, x), fb(w, b, x, ct)))  # warm up
+        fns.append((f, fb))
+    args = ((w, b, x), (w, b, x, ct))
+    reps = [
+        tuple(max(1, min(100, round(MIN_TIME / max(_timed(g, a, 1), 1e-6)))) for g, a in pairs)
+        for pairs in (zip(fs, args, strict=True) for fs in fns)
+    ]
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in ranked]
+    for r in range(ROUNDS):
+        for i in np.roll(np.arange(len(ranked)), r):
+            (f, fb), (n_f, n_fb) = fns[i], reps[i]
+            times[i][0].append(_timed(f, args[0], n_f))
+            times[i][1].append(_timed(fb, args[1], n_fb))
+    medians = [(statistics.median(tf), statistics.median(tfb)) for tf, tfb in times]
+    return pick(ranked, medians).label
+
+
+def pick(ranked: list[Choice], medians: list[tuple[float, float]]) -> Choice:
+    """The candidate with the lowest measured regret: the larger of its forward time over the
+    fastest one's and the same for forward+backward (a loop's times ``1 + LOOP_MARGIN``); the
+    first of equals.
+
+    Example:
+        >>> from einmix_jax import _lower
+        >>> plan = em.layer('b t c -> b u c', 't u', t=8, u=8).plan
+        >>> a, b = _lower.candidates(plan, (4, 8, 64))[:2]
+        >>> pick([a, b], [(1.0, 3.0), (0.95, 3.3)]) is a  # a: 1.0 / 0.95 = 1.05; b: 3.3 / 3.0 = 1.1
+        True
+    """
+    best_f, best_fb = min(m[0] for m in medians), min(m[1] for m in medians)
+    score = [
+        max(f / best_f, fb / best_fb) * (1 + LOOP_MARGIN if c.candidate.loop else 1)
+        for c, (f, fb) in zip(ranked, medians, strict=True)
+    ]
+    return ranked[int(np.argmin(score))]
