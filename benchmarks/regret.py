@@ -19,6 +19,8 @@ For each layer, in one process, on the same input and parameter values:
   candidate set), each built into its Lowering and run by ``_core.apply_lowering`` under
   ``jax.jit``; the planner's choice is the first cheapest, marked ``chosen``;
 * ``flax path`` -- ``lower(..., stored_weight=True)``, what ``einmix_jax.linen.EinMix`` runs;
+* ``measured pick`` -- the lowering ``einmix_jax.measured_planning()`` chooses (it times the cost
+  model's 4 cheapest candidates itself, before the rounds below);
 * ``rearrange+einsum`` -- ``einops.rearrange`` + ``jnp.einsum`` + bias (einops' own lowering);
 * ``einops layer`` -- ``einops.layers.flax.EinMix`` (its bias stored with broadcast 1s);
 * ``block-diagonal k=...`` (grouped layers) -- ``k`` groups packed into one block-diagonal
@@ -29,8 +31,11 @@ timed interleaved round-robin, in a fresh random order each round, as in bench.p
 optimized HLO is identical are timed once, and one more than ``PRUNE`` times slower than the
 chosen one on a single warm call (forward and forward+backward) is not timed further. Every ratio
 is a median of per-round ratios. The regret is ``max over implementations of median(t_chosen /
-t_impl)`` (so >= 1: the chosen one is among them). First-call compile (``jax.clear_caches()``
-first) of the chosen candidate and of einops' layer is also measured.
+t_impl)`` (so >= 1: the chosen one is among them). That maximum over ~16 noisy medians reads
+high even where every implementation runs the same program (the winner's curse), so the *split
+regret* is also reported: the implementation to compare with is picked on the even rounds and the
+ratio measured on the odd ones. First-call compile (``jax.clear_caches()`` first) of the chosen
+candidate and of einops' layer is also measured.
 """
 
 from __future__ import annotations
@@ -481,7 +486,10 @@ def _signature(compiled: Any) -> str:
         r", (metadata|backend_config|frontend_attributes)=\{[^}]*\}", "", compiled.as_text()
     )
     text = re.sub(r"%[\w.\-]+", "%", text)
-    return "\n".join(line for line in text.splitlines() if not line.startswith("HloModule"))
+    # the computations only: not the header's tables of source files, lines and stack frames
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(("%", "ENTRY"))), 0)
+    return "\n".join(lines[start:])
 
 
 def med_ratio(a: list[float], b: list[float]) -> float:

@@ -39,8 +39,8 @@ summed from the output gradient in the layout the backward dots use anyway.
 
 Block-diagonal packing. A grouped layer (a batch axis ``g`` in x, the weight and the output) whose
 per-group GEMM is narrow (fewer than ``PACK_BELOW`` contracted or weight-only elements) is also
-tried with ``k`` of its groups packed into one block-diagonal weight (:func:`_packed`): ``k``
-times the FLOPs, but one GEMM at the machine's rate instead of a batch of tiny ones. The packed
+tried with its ``k`` groups packed into one block-diagonal weight (:func:`_packed`): ``k`` times
+the FLOPs, but one GEMM at the machine's rate instead of a batch of tiny ones. The packed
 weight is built inside the jitted function from the weight as declared, so its gradient flows
 back to the declared params; ``describe`` shows the packing step. Not on several devices,
 where the group axis may be sharded (a packing merges it with others).
@@ -113,9 +113,9 @@ class Lowering:
     w_dot_shape: tuple[int, ...]
     #: broadcast batch: reshape the weight to the first shape (unit axes), broadcast to the second
     w_broadcast: tuple[tuple[int, ...], tuple[int, ...]] | None
-    #: block-diagonal packing (before ``w_perm``): reshape the weight to the first shape, add a
-    #: dimension at the third (the new ``g.k'``) and multiply by the identity reshaped to the
-    #: second shape
+    #: block-diagonal packing (before ``w_perm``): reshape the weight to the first shape (its own),
+    #: add a dimension at the third (the new ``g.k'``) and multiply by the identity reshaped to
+    #: the second shape
     w_pack: tuple[tuple[int, ...], tuple[int, ...], int] | None
     x_first: bool  #: x is the dot's left operand (else the weight is)
     dimension_numbers: DimensionNumbers
@@ -236,7 +236,7 @@ class _Axes:
     x_free: list[str]
     w_free: list[str]
     bias_axes: list[str] | None
-    #: (batch axis, k): k of its groups packed into one block-diagonal weight (see :func:`_packed`)
+    #: (batch axis, k): its k groups packed into one block-diagonal weight (see :func:`_packed`)
     pack: tuple[str, int] | None = None
 
     def size(self, axes: list[str]) -> int:
@@ -283,45 +283,36 @@ PACK_BELOW = 32
 def _packings(ax: _Axes) -> list[tuple[str, int]]:
     """(batch axis, k) for every block-diagonal packing worth costing (see :func:`_packed`).
 
-    For each batch axis of known length, when the per-group GEMM is narrow (but more than a
-    scale or a sum: at least 2 contracted and 2 weight-only elements): all its groups in one
-    GEMM, and the fewest groups that make a block at least ``PACK_BELOW`` wide, if fewer.
+    When the per-group GEMM is narrow (but more than a scale or a sum: at least 2 contracted and
+    2 weight-only elements), each batch axis of known length with all its groups in one GEMM.
+    (Fewer groups per block would keep a batch dimension in front, which costs a transpose of x
+    and of the output; on XLA:CPU those forms ran no faster than the batched GEMM.)
     """
-    out: list[tuple[str, int]] = []
     width = min(ax.cost_size(ax.contracted), ax.cost_size(ax.w_free))
     if width < 2 or width >= PACK_BELOW:  # no GEMM (a scale or a sum per group), or wide
-        return out
-    for g in ax.batch:
-        n = ax.sizes[g]
-        if not isinstance(n, int) or n < 2:
-            continue
-        wide = next((k for k in range(2, n) if n % k == 0 and k * width >= PACK_BELOW), n)
-        out += [(g, k) for k in sorted({wide, n})]
-    return out
+        return []
+    return [(g, n) for g in ax.batch if isinstance(n := ax.sizes[g], int) and n >= 2]
 
 
 def _packed(ax: _Axes, g: str, k: int) -> _Axes:
-    """The axes of the same layer with ``k`` of batch axis ``g``'s groups packed block-diagonally.
+    """The axes of the same layer with the ``k`` groups of batch axis ``g`` packed block-diagonally.
 
-    ``g`` splits into ``g.n`` (``g / k`` groups of groups, left out when 1) and ``g.k``: in x,
-    ``g.k`` becomes a contracted axis; in the output it is ``g.k'``, a weight-only axis; the
-    weight, reshaped to ``(..., g.n, g.k, ...)``, gains ``g.k'`` and is zero off its diagonal
-    ``g.k == g.k'`` (built inside the jitted function, so its gradient flows to the weight as
-    declared). ``'b t (g c) -> b t (g d)'`` with ``k = g`` becomes one ``(b t, g c) @ (g c, g d)``
-    GEMM with neither x nor the output moved: ``g`` times the FLOPs, at the machine's GEMM rate.
+    ``g`` becomes ``g.k``, a contracted axis, in x, and ``g.k'``, a weight-only axis, in the
+    output; the weight gains ``g.k'`` and is zero off its diagonal ``g.k == g.k'`` (built inside the
+    jitted function, so its gradient flows to the weight as declared). ``'b t (g c) -> b t (g d)'``
+    becomes one ``(b t, g c) @ (g c, g d)`` GEMM with neither x nor the output moved: ``g`` times
+    the FLOPs, at the machine's GEMM rate.
     """
-    n = ax.sizes[g] // k
-    outer = [f"{g}.n"] if n > 1 else []
     kx, ky = f"{g}.k", f"{g}.k'"
 
-    def sub(axes: list[str], new: list[str]) -> list[str]:
-        return [b for a in axes for b in (new if a == g else [a])]
+    def sub(axes: list[str], new: str) -> list[str]:
+        return [new if a == g else a for a in axes]
 
-    extra = {kx: k, ky: k, **({outer[0]: n} if outer else {})}
-    out_groups = [tuple(sub(list(grp), [*outer, ky])) for grp in ax.out_groups]
+    extra = {kx: k, ky: k}
+    out_groups = [tuple(sub(list(grp), ky)) for grp in ax.out_groups]
     out_axes = [a for grp in out_groups for a in grp]
-    x_axes, x_kept = sub(ax.x_axes, [*outer, kx]), sub(ax.x_kept, [*outer, kx])
-    w_axes = sub(ax.w_axes, [*outer, kx])
+    x_axes, x_kept = sub(ax.x_axes, kx), sub(ax.x_kept, kx)
+    w_axes = sub(ax.w_axes, kx)
     # g.k' goes before the first weight-only axis that follows g in the output (usually where the
     # x-first GEMM wants it, so the packed weight needs no transpose)
     after_g = [a for a in out_axes[out_axes.index(ky) + 1 :] if a in ax.w_free]
@@ -340,7 +331,7 @@ def _packed(ax: _Axes, g: str, k: int) -> _Axes:
         contracted=[a for a in x_kept if a in in_w and a not in in_out],
         x_free=ax.x_free,
         w_free=[a for a in out_axes if a in in_w and a not in in_x],
-        bias_axes=None if ax.bias_axes is None else sub(ax.bias_axes, [*outer, ky]),
+        bias_axes=None if ax.bias_axes is None else sub(ax.bias_axes, ky),
         pack=(g, k),
     )
 
@@ -420,16 +411,17 @@ TERMS = (
 NARROW = 16
 
 #: Seconds per unit of each term on XLA:CPU, fitted by ``benchmarks/calibrate.py`` to the
-#: forward and forward+backward times of every candidate of the regret corpus (seed 0).
+#: forward and forward+backward times of every candidate of the regret corpus (seed 0; two runs,
+#: 1,003 timings of 80 layers, on a 2-core Intel Xeon VM).
 SECONDS: dict[str, float] = {
-    "flop": 3.81e-12,
-    "dot element": 1.86e-10,
-    "narrow dot element": 1.62e-10,
-    "dot": 7.13e-10,
-    "moved element": 3.34e-10,
-    "loop element": 5.54e-10,
-    "loop step": 9.68e-06,
-    "io element": 1.94e-10,
+    "flop": 3.96e-12,
+    "dot element": 2.03e-10,
+    "narrow dot element": 1.71e-10,
+    "dot": 0.0,  # no per-matrix overhead beyond the elements on the machine fitted
+    "moved element": 3.53e-10,
+    "loop element": 5.88e-10,
+    "loop step": 9.56e-06,
+    "io element": 2.12e-10,
 }
 
 #: A loop is taken only when it is predicted this much faster than the best form without one:
@@ -550,12 +542,12 @@ def candidates(
         >>> for c in choices:  # predicted regret, forward and forward+backward seconds
         ...     if 'rhs' not in c.label:
         ...         print(f'{c.label:38} {c.cost:4.2f} {c.fwd * 1e3:5.1f} ms {c.fwd_bwd * 1e3:5.1f} ms')
-        x first                                1.16  23.1 ms  64.4 ms
-        w first                                1.17  23.1 ms  64.4 ms
-        x first, batch (b), broadcast over b   1.25  24.8 ms  68.3 ms
-        w first, batch (b), broadcast over b   1.00  19.8 ms  58.4 ms
-        x first, loop over b                   1.72  32.5 ms  85.6 ms
-        w first, loop over b                   1.46  27.6 ms  75.7 ms
+        x first                                1.16  24.4 ms  68.0 ms
+        w first                                1.16  24.4 ms  68.0 ms
+        x first, batch (b), broadcast over b   1.25  26.2 ms  72.2 ms
+        w first, batch (b), broadcast over b   1.00  21.0 ms  61.8 ms
+        x first, loop over b                   1.72  34.4 ms  90.4 ms
+        w first, loop over b                   1.46  29.2 ms  80.0 ms
         >>> choose(choices).label
         'w first, batch (b), broadcast over b'
     """
@@ -570,7 +562,9 @@ def candidates(
             packs = jax.device_count() == 1
         for g, k in _packings(ax) if packs else []:
             packed = _packed(ax, g, k)
-            found += [(packed, c) for c in _enumerate(packed, loops=False, outer_axes=False)]
+            # x first: the weight-first forms of a packed layer ran 3-4x slower on XLA:CPU
+            forms = _enumerate(packed, loops=False, outer_axes=False)
+            found += [(packed, c) for c in forms if c.x_first]
     times = []
     for axes, c in found:
         fwd, bwd = _terms(axes, c)
@@ -685,7 +679,7 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
         bias_shape = tuple(sizes[a] if a in in_bias else 1 for a in y_order)
     out_shape = tuple(math.prod(sizes[a] for a in g) for g in ax.out_groups)
     w_pack = None
-    if best.pack:  # the weight with g split into (g.n, g.k), and the identity's shape
+    if best.pack:  # the weight (g as g.k), the identity's shape, where g.k' goes
         g, k = best.pack
         eye = tuple(k if a in (f"{g}.k", f"{g}.k'") else 1 for a in w_axes)
         at = w_axes.index(f"{g}.k'")

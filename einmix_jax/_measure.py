@@ -136,11 +136,8 @@ def plan(
     top = _TOP.get()
     if top is None or not all(isinstance(n, int) for n in x_shape):
         return lower(plan, x_shape, packs=packs)
-    key = (plan, x_shape, np.dtype(dtype), np.dtype(weight_dtype), has_bias, options_key) + (
-        jax.default_backend(),
-        top,
-        packs,
-    )
+    dtypes = (np.dtype(dtype), np.dtype(weight_dtype))
+    key = (plan, x_shape, *dtypes, has_bias, options_key, jax.default_backend(), top, packs)
     choices = candidates(plan, x_shape, packs=packs)
     label = _DECISIONS.get(key)
     if label is None:

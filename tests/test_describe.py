@@ -336,9 +336,9 @@ def test_loop_lowering_is_described_and_replayed(
 
 
 PACKING_CASES = [
-    # (pattern, weight_shape, bias_shape, x_shape, every length, k): n = g / k blocks of k groups
+    # (pattern, weight_shape, bias_shape, x_shape, every length, k): all k groups in one block
     ("b t (g c) -> b t (g d)", "g c d", "g d", (2, 3, 32), dict(b=2, t=3, g=8, c=4, d=2), 8),
-    ("b t (g c) -> b t (g d)", "g c d", "g d", (2, 3, 256), dict(b=2, t=3, g=64, c=4, d=2), 16),
+    ("b t (g c) -> b t (g d)", "g c d", "g d", (2, 3, 256), dict(b=2, t=3, g=64, c=4, d=2), 64),
     ("b (g c) -> b (d g)", "c d g", "d", (5, 12), dict(b=5, g=4, c=3, d=2), 4),
 ]
 

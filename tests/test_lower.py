@@ -515,8 +515,8 @@ def test_every_candidate_matches_the_reference(pattern, weight_shape, bias_shape
 PACKING_CASES = [
     # all 8 groups in one (8 c, 8 d) block: x and the output stay in place
     ("b t (g c) -> b t (g d)", "g c d", "g d", dict(b=2, t=3, g=8, c=4, d=2), [8]),
-    # 64 groups of (4, 2): 4 blocks of 16 groups (32 wide: PACK_BELOW), or one of 64
-    ("b t (g c) -> b t (g d)", "g c d", "g d", dict(b=2, t=3, g=64, c=4, d=2), [16, 64]),
+    # 64 groups of (4, 2): all in one (256, 128) block
+    ("b t (g c) -> b t (g d)", "g c d", "g d", dict(b=2, t=3, g=64, c=4, d=2), [64]),
     # the weight's axes in another order, the groups last in the output, a bias without them
     ("b (g c) -> b (d g)", "c d g", "d", dict(b=5, g=4, c=3, d=2), [4]),
     ("b h t c -> b h t d", "h c d", "h d", dict(b=3, h=2, t=4, c=5, d=3), [2]),
@@ -530,6 +530,7 @@ def test_every_packing_matches_the_reference(pattern, weight_shape, bias_shape, 
     )
     assert sorted({c.candidate.pack[1] for c in choices}) == ks
     assert {c.candidate.pack[0] for c in choices} == {"g" if "g" in sizes else "h"}
+    assert all(c.candidate.x_first for c in choices)
 
 
 def test_only_narrow_groups_are_packed():
