@@ -55,6 +55,7 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's einmix_jax
 import einmix_jax
+from einmix_jax._measure import _timed  # the library's own timing loop (measured planning)
 
 Params = dict[str, jax.Array]
 Fn = Callable[[Any, jax.Array], jax.Array]
@@ -471,14 +472,6 @@ def _compile_time(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     start = time.perf_counter()
     compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
     return time.perf_counter() - start, compiled
-
-
-def _timed(f: Callable[..., Any], args: tuple, reps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(reps):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / reps
 
 
 def run_case(case: Case, rounds: int, compile_rounds: int, log: Callable[[str], None]) -> dict:

@@ -10,11 +10,9 @@ own.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -24,6 +22,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
+from ._cache import LRU
 from ._errors import EinMixError
 from ._init import Initializer, lecun_uniform_bias, lecun_uniform_weight
 from ._lower import Lowering, lower
@@ -253,7 +252,7 @@ class EinMix:
         else:
             key = _Computation.of(self, _lowering(self, weight, bias, x), None)
         params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-        return _COMPILED(key)(params, x)
+        return _COMPILED.get_or_add(key, lambda: jax.jit(key))(params, x)
 
 
 def _checked(value: Any, layer: EinMix, name: str) -> jax.Array:
@@ -522,33 +521,8 @@ class _Computation:
         return _compute(self.lowering, self, params["weight"], params.get("bias"), x)
 
 
-class _CompiledApplies:
-    """A bounded LRU of ``jax.jit`` functions, one per :class:`_Computation`."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._jitted: collections.OrderedDict[_Computation, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def __call__(self, key: _Computation) -> Any:
-        with self._lock:
-            jitted = self._jitted.get(key)
-            if jitted is None:
-                jitted = self._jitted[key] = jax.jit(key)
-            self._jitted.move_to_end(key)
-            while len(self._jitted) > self.maxsize:
-                self._jitted.popitem(last=False)
-            return jitted
-
-    def __len__(self) -> int:
-        return len(self._jitted)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._jitted.clear()
-
-
-_COMPILED = _CompiledApplies(COMPILED_APPLIES)
+#: the ``jax.jit`` function of each :class:`_Computation` applied (see :data:`COMPILED_APPLIES`)
+_COMPILED: LRU[Any] = LRU(COMPILED_APPLIES)
 
 
 def execute(

@@ -28,11 +28,9 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import contextvars
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._cache import LRU
 from ._errors import EinMixError
 from ._lower import LOOP_MARGIN, Choice, Lowering, build, candidates, lower
 from ._parse import Plan
@@ -82,37 +81,8 @@ def measuring() -> bool:
     return _TOP.get() is not None
 
 
-class _Decisions:
-    """A bounded LRU of measured choices (labels), keyed by configuration."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._labels: collections.OrderedDict[Any, str] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> str | None:
-        with self._lock:
-            label = self._labels.get(key)
-            if label is not None:
-                self._labels.move_to_end(key)
-            return label
-
-    def put(self, key: Any, label: str) -> None:
-        with self._lock:
-            self._labels[key] = label
-            self._labels.move_to_end(key)
-            while len(self._labels) > self.maxsize:
-                self._labels.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._labels.clear()
-
-
-_DECISIONS = _Decisions(DECISIONS)
+#: the label of the candidate measured fastest, per configuration
+_DECISIONS: LRU[str] = LRU(DECISIONS)
 
 #: runs one lowering: (lowering, weight, bias or None, x) -> y
 Execute = Callable[[Lowering, jax.Array, jax.Array | None, jax.Array], jax.Array]
@@ -139,14 +109,15 @@ def plan(
     dtypes = (np.dtype(dtype), np.dtype(weight_dtype))
     key = (plan, x_shape, *dtypes, has_bias, options_key, jax.default_backend(), top, packs)
     choices = candidates(plan, x_shape, packs=packs)
-    label = _DECISIONS.get(key)
-    if label is None:
+
+    def measure() -> str:
         ranked = sorted(choices, key=lambda c: c.cost)[:top]  # stable: ties keep their order
-        label = ranked[0].label
-        if len(ranked) > 1:
-            with jax.ensure_compile_time_eval():  # concrete, also while the caller traces
-                label = _fastest(plan, x_shape, dtype, weight_dtype, has_bias, ranked, execute)
-        _DECISIONS.put(key, label)
+        if len(ranked) == 1:
+            return ranked[0].label
+        with jax.ensure_compile_time_eval():  # concrete, also while the caller traces
+            return _fastest(plan, x_shape, dtype, weight_dtype, has_bias, ranked, execute)
+
+    label = _DECISIONS.get_or_add(key, measure)
     return build(plan, x_shape, next(c for c in choices if c.label == label))
 
 

@@ -468,7 +468,7 @@ def test_compiled_applies_are_bounded_least_recently_used_first(traces, monkeypa
     jitted = []
     for mix in layers:
         mix(mix.init(jax.random.key(0)), x)
-        jitted.append(weakref.ref(next(reversed(_core._COMPILED._jitted.values()))))
+        jitted.append(weakref.ref(list(_core._COMPILED.values())[-1]))
         assert len(_core._COMPILED) <= 3
     gc.collect()
     assert [ref() is None for ref in jitted] == [True, True, False, False, False]

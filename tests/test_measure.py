@@ -10,6 +10,7 @@ import pytest
 
 import einmix_jax as em
 from einmix_jax import _lower, _measure
+from einmix_jax._cache import LRU
 from tests.reference import reference_einmix
 
 PATTERN, WEIGHT, BIAS = "b t (g c) -> b t (g d)", "g c d", "g d"
@@ -27,7 +28,7 @@ def measured(monkeypatch):
         return fastest(*args, **kwargs)
 
     monkeypatch.setattr(_measure, "_fastest", counted)
-    monkeypatch.setattr(_measure, "_DECISIONS", _measure._Decisions(_measure.DECISIONS))
+    monkeypatch.setattr(_measure, "_DECISIONS", LRU(_measure.DECISIONS))
     return calls
 
 
@@ -56,7 +57,7 @@ def test_values_match_the_reference_and_each_configuration_is_measured_once(meas
     # the decision is one of the cost model's three cheapest
     choices = _lower.candidates(layer.plan, x.shape)
     top = sorted(choices, key=lambda c: c.cost)[:3]
-    decided = _measure._DECISIONS._labels.values()
+    decided = _measure._DECISIONS.values()
     assert all(label in {c.label for c in top} for label in list(decided)[:1])
 
 
@@ -99,7 +100,7 @@ def test_symbolic_shapes_fall_back_to_the_cost_model(measured):
 
 
 def test_decisions_are_bounded(measured, monkeypatch):
-    monkeypatch.setattr(_measure, "_DECISIONS", _measure._Decisions(2))
+    monkeypatch.setattr(_measure, "_DECISIONS", LRU(2))
     with em.measured_planning(top=2):
         for b in (2, 3, 4):
             layer, params, x, expected = case(b, t=2)
