@@ -3,7 +3,8 @@
 The cost model of ``_lower`` predicts; on a given machine and XLA version it can be wrong by tens
 of percent where candidates are close, and by more on layouts its terms do not see. Inside
 :func:`measured_planning`, the functional ``apply`` and the Equinox layer instead compile the
-``top`` cheapest candidates for the input's shape and dtype, time their forward and
+cheapest candidate of each kind (x first, weight first, broadcast weight, loop, block-diagonal)
+and the next cheapest up to ``top`` for the input's shape and dtype, time their forward and
 forward+backward passes on random values (interleaved, ``ROUNDS`` rounds, medians), and take the
 one with the lowest measured regret (the larger of its forward time over the fastest one's and
 the same for forward+backward; a loop must win by ``LOOP_MARGIN``), exactly the rule the cost
@@ -11,7 +12,7 @@ model applies to its predictions. The decision is kept per configuration (plan, 
 options, backend) for the life of the process (at most ``DECISIONS`` of them, least recently used
 dropped first), so each is measured once.
 
-It costs compile and timing time once per configuration (about ``2 * top`` compiles and a few
+It costs compile and timing time once per configuration (two compiles per candidate timed, a few
 hundred milliseconds); the choice happens while the caller traces, so under ``jax.jit`` the
 context must be active when the function is first traced. The Flax layers have one lowering (the
 weight as stored) and are not affected; nor is a sharded apply (the mesh rules decide there), nor
@@ -59,7 +60,8 @@ def measured_planning(top: int = 4) -> Iterator[None]:
     """Within this context, layers traced choose their lowering by timing (see the module doc).
 
     Args:
-        top: how many of the cost model's cheapest candidates to time (at least 1).
+        top: how many candidates to time at least: the cheapest of each kind, then the next
+            cheapest up to ``top`` (at least 1).
 
     Example:
         >>> layer = em.layer('b t c -> b u c', 't u', t=16, u=16)
@@ -111,7 +113,7 @@ def plan(
     choices = candidates(plan, x_shape, packs=packs)
 
     def measure() -> str:
-        ranked = sorted(choices, key=lambda c: c.cost)[:top]  # stable: ties keep their order
+        ranked = shortlist(choices, top)
         if len(ranked) == 1:
             return ranked[0].label
         with jax.ensure_compile_time_eval():  # concrete, also while the caller traces
@@ -119,6 +121,31 @@ def plan(
 
     label = _DECISIONS.get_or_add(key, measure)
     return build(plan, x_shape, next(c for c in choices if c.label == label))
+
+
+def _family(c: Choice) -> str:
+    k = c.candidate
+    return "loop" if k.loop else "pack" if k.pack else "broadcast" if k.bcast else str(k.x_first)
+
+
+def shortlist(choices: list[Choice], top: int) -> list[Choice]:
+    """What is timed: the cheapest candidate of each kind (x first, weight first, broadcast
+    weight, loop, block-diagonal), then the next cheapest up to ``top`` in all, cheapest first.
+
+    The cost model is least sure between kinds (a loop against a broadcast weight, a packing
+    against a batch of small GEMMs), so each kind's best is measured.
+
+    Example:
+        >>> from einmix_jax import _lower
+        >>> plan = em.layer('b t c -> b u c', 't u', t=196, u=256).plan
+        >>> [c.label for c in shortlist(_lower.candidates(plan, (64, 196, 512), True), 4)]
+        ['w first, batch (b), broadcast over b', 'x first', 'w first', 'w first, loop over b']
+    """
+    ranked = sorted(choices, key=lambda c: c.cost)  # stable: ties keep their order
+    firsts = {id(next(c for c in ranked if _family(c) == f)) for f in map(_family, ranked)}
+    rest = [c for c in ranked if id(c) not in firsts]
+    picked = {id(c) for c in rest[: max(0, top - len(firsts))]} | firsts
+    return [c for c in ranked if id(c) in picked]
 
 
 def _timed(f: Callable[..., Any], args: tuple, reps: int) -> float:

@@ -54,11 +54,9 @@ def test_values_match_the_reference_and_each_configuration_is_measured_once(meas
         np.testing.assert_allclose(other(params2, x2), expected2, rtol=1e-5, atol=1e-5)
     assert measured == [(32, 4, 32), (16, 4, 32)]
     assert len(_measure._DECISIONS) == 2
-    # the decision is one of the cost model's three cheapest
-    choices = _lower.candidates(layer.plan, x.shape)
-    top = sorted(choices, key=lambda c: c.cost)[:3]
-    decided = _measure._DECISIONS.values()
-    assert all(label in {c.label for c in top} for label in list(decided)[:1])
+    # the decision is one of those timed
+    timed = _measure.shortlist(_lower.candidates(layer.plan, x.shape), 3)
+    assert next(_measure._DECISIONS.values()) in {c.label for c in timed}
 
 
 def test_under_jit_and_grad_the_gradients_match_the_reference(measured):
@@ -118,6 +116,30 @@ def test_the_pick_is_the_lowest_measured_regret_and_a_loop_must_win_by_the_margi
     # within LOOP_MARGIN the plain form (which compiles faster) is kept
     margin = 1 + _lower.LOOP_MARGIN / 2
     assert _measure.pick([plain, loop], [(margin, margin), (1.0, 1.0)]) is plain
+
+
+def test_each_kind_of_candidate_is_timed():
+    # token mixing: the cheapest of each kind (x first, weight first, broadcast, loop), cheapest
+    # first, then the next cheapest up to top
+    plan = em.layer("b t c -> b u c", "t u", t=196, u=256).plan
+    choices = _lower.candidates(plan, (64, 196, 512), loops=True)
+    kinds = _measure.shortlist(choices, 1)
+    assert len(kinds) == 4 and [c.cost for c in kinds] == sorted(c.cost for c in kinds)
+    assert {(bool(c.candidate.loop), bool(c.candidate.bcast)) for c in kinds} == {
+        (False, False),
+        (False, True),
+        (True, False),
+    }
+    assert {c.candidate.x_first for c in kinds if not c.candidate.loop} == {True, False}
+    more = _measure.shortlist(choices, 6)
+    assert len(more) == 6 and all(c in more for c in kinds)
+    cheapest = sorted(choices, key=lambda c: c.cost)
+    assert [c for c in cheapest if c in more][:2] == cheapest[:2]
+    # a grouped layer with narrow groups: its block-diagonal packing is timed
+    plan = em.layer("b t (g c) -> b t (g d)", "g c d", g=8, c=16, d=16).plan
+    assert any(
+        c.candidate.pack for c in _measure.shortlist(_lower.candidates(plan, (64, 8, 128)), 1)
+    )
 
 
 @pytest.mark.parametrize("top", [0, -1, 1.5, True, "2"])
