@@ -17,22 +17,14 @@ class LRU(Generic[V]):
         >>> cache = LRU[int](2)
         >>> [cache.get_or_add(k, lambda k=k: len(k)) for k in ('a', 'bb', 'a', 'ccc')]
         [1, 2, 1, 3]
-        >>> list(cache.values()), cache.get('bb')  # 'bb' was the least recently used
-        ([1, 3], None)
+        >>> list(cache.values())  # 'bb' was the least recently used
+        [1, 3]
     """
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: collections.OrderedDict[Hashable, V] = collections.OrderedDict()
         self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> V | None:
-        """The value of ``key`` (now the most recently used), or None."""
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
 
     def get_or_add(self, key: Hashable, make: Callable[[], V]) -> V:
         """The value of ``key``, made by ``make()`` and kept if there is none."""

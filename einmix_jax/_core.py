@@ -392,11 +392,10 @@ def _apply(
 ) -> jax.Array:
     weight, bias = _check_params(layer, params)
     x = jnp.asarray(x)
-    if measure and not stored_weight:
-        low = _lowering(layer, weight, bias, x)
+    if stored_weight:
+        low = lower(layer.plan, tuple(x.shape), stored_weight=True)
     else:
-        packs = _packs(weight)
-        low = lower(layer.plan, tuple(x.shape), stored_weight=stored_weight, packs=packs)
+        low = _lowering(layer, weight, bias, x, measure)
     return _compute(low, layer, weight, bias, x)
 
 
@@ -408,10 +407,13 @@ def _packs(weight: Any) -> bool | None:
     return False if any(p is not None for p in spec) else None
 
 
-def _lowering(layer: EinMix, weight: Any, bias: jax.Array | None, x: jax.Array) -> Lowering:
-    """The planner's lowering for ``x``; measured inside ``einmix_jax.measured_planning()``."""
+def _lowering(
+    layer: EinMix, weight: Any, bias: jax.Array | None, x: jax.Array, measure: bool = True
+) -> Lowering:
+    """The planner's lowering for ``x``; measured inside ``einmix_jax.measured_planning()``
+    (unless ``measure`` is off: under the mesh rules)."""
     packs = _packs(weight)
-    if not measuring() or not _is_array(weight):  # a tool's quantized container: as planned
+    if not (measure and measuring()) or not _is_array(weight):  # a tool's container: as planned
         return lower(layer.plan, tuple(x.shape), packs=packs)
 
     def run(low: Lowering, w: jax.Array, b: jax.Array | None, x: jax.Array) -> jax.Array:
@@ -535,9 +537,8 @@ def execute(
     x = _transpose(x, low.x_perm).reshape(low.x_dot_shape)
     w = weight
     if low.w_pack is not None:  # k groups on the diagonal of one block (see _lower._packed)
-        split, eye, at = low.w_pack
-        identity = jnp.eye(eye[at], dtype=w.dtype).reshape(eye)
-        w = jnp.expand_dims(w.reshape(split), at) * identity
+        eye, at = low.w_pack
+        w = jnp.expand_dims(w, at) * jnp.eye(eye[at], dtype=w.dtype).reshape(eye)
     w = _transpose(w, low.w_perm)
     if low.w_broadcast is not None:
         w = jnp.broadcast_to(w.reshape(low.w_broadcast[0]), low.w_broadcast[1])

@@ -26,8 +26,9 @@ Shape = tuple[int, ...]
 class Step:
     """One shape operation: ``operand`` (``'x'``, ``'weight'``, ``'y'`` or ``'bias'``) goes
     through ``op`` (``'reshape'``, ``'sum'``, ``'transpose'``, ``'broadcast'``, ``'pack'``,
-    ``'dot_general'`` or ``'add'``) with argument ``arg`` (a shape, axes, a permutation or dimension numbers) and
-    comes out with ``shape``, whose dimensions hold the axes ``labels``."""
+    ``'dot_general'`` or ``'add'``) with argument ``arg`` (a shape, axes, a permutation, a group
+    count or dimension numbers) and comes out with ``shape``, whose dimensions hold the axes
+    ``labels``."""
 
     operand: str
     op: str
@@ -310,8 +311,7 @@ def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> De
     # the weight: transpose, broadcast along the x-only batch axes, merge into the dot's operand
     names, current = w_axes, mix.plan.weight_sizes
     if low.w_pack is not None:  # k groups on the diagonal of one block
-        split, eye, at = low.w_pack
-        before.append(step("weight", "reshape", split, w_axes[:at] + w_axes[at + 1 :]))
+        eye, at = low.w_pack
         pack = step("weight", "pack", eye[at], w_axes)
         before.append(dataclasses.replace(pack, note=w_axes[at].split(".")[0]))
         current = pack.shape
@@ -355,7 +355,7 @@ def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> De
         )
     packed_flops = dot_flops
     if low.w_pack is not None:  # the layer's FLOPs; the dot also multiplies the zeros
-        dot_flops //= low.w_pack[1][low.w_pack[2]]
+        dot_flops //= low.w_pack[0][low.w_pack[1]]
     operands = "x" if low.x_first else "weight"
     dims = (lhs, rhs, low.dimension_numbers)
     contraction = Step(operands, "dot_general", dims, dot_shape, dot_labels)

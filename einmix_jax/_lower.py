@@ -113,10 +113,9 @@ class Lowering:
     w_dot_shape: tuple[int, ...]
     #: broadcast batch: reshape the weight to the first shape (unit axes), broadcast to the second
     w_broadcast: tuple[tuple[int, ...], tuple[int, ...]] | None
-    #: block-diagonal packing (before ``w_perm``): reshape the weight to the first shape (its own),
-    #: add a dimension at the third (the new ``g.k'``) and multiply by the identity reshaped to
-    #: the second shape
-    w_pack: tuple[tuple[int, ...], tuple[int, ...], int] | None
+    #: block-diagonal packing (before ``w_perm``): add a dimension to the weight at the second
+    #: (the new ``g.k'``) and multiply by the identity reshaped to the first
+    w_pack: tuple[tuple[int, ...], int] | None
     x_first: bool  #: x is the dot's left operand (else the weight is)
     dimension_numbers: DimensionNumbers
     y_split_shape: tuple[int, ...]  #: dot result (stacked over the loop) with merged dims split
@@ -274,7 +273,7 @@ def _classify(plan: Plan, x_shape: tuple[int, ...]) -> _Axes:
     )
 
 
-#: Grouped layers are also tried with ``k`` of their groups packed into one block-diagonal weight
+#: Grouped layers are also tried with their ``k`` groups packed into one block-diagonal weight
 #: when a group's GEMM is narrower than this (in contracted or weight-only elements): the packed
 #: GEMM does k times the FLOPs, but a batch of tiny GEMMs runs far below the machine's GEMM rate.
 PACK_BELOW = 32
@@ -591,10 +590,13 @@ def terms(
 
     ``benchmarks/calibrate.py`` fits :data:`SECONDS` to measured times with these.
     """
+    return _terms(_axes_of(plan, x_shape, choice), choice.candidate)
+
+
+def _axes_of(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> _Axes:
+    """The axes a choice is made of: the layer's, or its packed layer's."""
     ax = _classify(plan, x_shape)
-    if choice.candidate.pack:
-        ax = _packed(ax, *choice.candidate.pack)
-    return _terms(ax, choice.candidate)
+    return _packed(ax, *choice.candidate.pack) if choice.candidate.pack else ax
 
 
 def choose(choices: list[Choice]) -> Choice:
@@ -613,9 +615,9 @@ def lower(
     """Decide the lowering of ``plan`` for an input of ``x_shape`` (cached).
 
     ``loops`` allows the loop candidates (see the module docstring); ``None`` allows them on a
-    single XLA:CPU device; ``packs`` the block-diagonal packings (``None``: on a single device). ``stored_weight`` asks for the one lowering in which the weight is the
-    dot's right operand exactly as stored (see :func:`_stored_weight_order`), as the Flax layers
-    need it. The same as ``build(plan, x_shape, choose(candidates(...)))``.
+    single XLA:CPU device; ``packs`` the block-diagonal packings (``None``: on a single device).
+    ``stored_weight`` asks for the one lowering in which the weight is the dot's right operand
+    exactly as stored (see :func:`_stored_weight_order`), as the Flax layers need it. The same as ``build(plan, x_shape, choose(candidates(...)))``.
 
     Example:
         >>> from ._parse import parse
@@ -631,10 +633,8 @@ def lower(
 
 def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
     """The :class:`Lowering` of one of :func:`candidates`' choices, for ``_core.execute``."""
-    ax = _classify(plan, x_shape)
+    ax = _axes_of(plan, x_shape, choice)
     best, stored_weight = choice.candidate, choice.stored_weight
-    if best.pack:
-        ax = _packed(ax, *best.pack)
     sizes, size, w_axes, out_axes = ax.sizes, ax.size, ax.w_axes, ax.out_axes
     in_w = set(w_axes)
     x_order, w_order, y_order, x_first = best.x_order, best.w_order, best.y_order, best.x_first
@@ -679,11 +679,10 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
         bias_shape = tuple(sizes[a] if a in in_bias else 1 for a in y_order)
     out_shape = tuple(math.prod(sizes[a] for a in g) for g in ax.out_groups)
     w_pack = None
-    if best.pack:  # the weight (g as g.k), the identity's shape, where g.k' goes
+    if best.pack:  # the identity's shape, and where g.k' goes
         g, k = best.pack
         eye = tuple(k if a in (f"{g}.k", f"{g}.k'") else 1 for a in w_axes)
-        at = w_axes.index(f"{g}.k'")
-        w_pack = (tuple(sizes[a] for a in w_axes if a != f"{g}.k'"), eye, at)
+        w_pack = (eye, w_axes.index(f"{g}.k'"))
     y_split_shape = tuple(sizes[a] for a in y_order)
     return Lowering(
         x_flat_shape=tuple(sizes[a] for a in ax.x_axes),
