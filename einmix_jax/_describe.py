@@ -259,6 +259,9 @@ def _group(names: list[str], shape: Shape, sizes: dict[str, int]) -> tuple[str, 
     i = 0
     for n in shape:
         run, product = [], 1
+        if n == 1 and i < len(names) and sizes[names[i]] == 1:
+            run.append(names[i])  # a unit dimension takes the next unit axis
+            i += 1
         while i < len(names) and product < n:
             run.append(names[i])
             product *= sizes[names[i]]
@@ -324,7 +327,8 @@ def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> De
         lead = x_order[: len(unit) - 2]
         labels = (*lead, *_group([a for a in names if a not in lead], unit[-2:], sizes))
         before.append(Step("weight", "reshape", unit, unit, labels))
-        before.append(Step("weight", "broadcast", full, full, labels))
+        if full != unit:  # along axes of length 1 the reshape is all there is
+            before.append(Step("weight", "broadcast", full, full, labels))
         names, current = [*lead, *(a for a in names if a not in lead)], full
     if low.w_dot_shape != current:
         before.append(step("weight", "reshape", low.w_dot_shape, names, low.w_dot_shape))

@@ -454,8 +454,12 @@ def _terms(ax: _Axes, c: _Candidate) -> tuple[dict[str, float], dict[str, float]
         + moved(c.y_order, ax.out_axes, y_size)
         + moved(ax.w_axes, c.w_order, w_size)
     )
-    # the broadcast copy (forward) and the sum of the per-slice weight gradients (backward)
-    bcast = d * k * n if c.bcast else 0
+    # the broadcast copy (forward) and the sum of the per-slice weight gradients (backward);
+    # along axes of length 1 it is a reshape
+    bcast = d * k * n if c.bcast and cs(c.bcast) > 1 else 0
+    # one row and no batch dimension: XLA makes the weight-gradient dot an outer product, writes
+    # it transposed and copies it (XLA:CPU, 4x slower fwd+bwd than with a unit batch dimension)
+    outer_product = 2 * steps * k * n if m == 1 and not c.dot_batch else 0
     pack = w_size if c.pack else 0  # the packed weight written; its gradient masked and summed
     loop_io = x_size + y_size if c.loop else 0
     io = cs(ax.x_axes) + y_size
@@ -475,7 +479,7 @@ def _terms(ax: _Axes, c: _Candidate) -> tuple[dict[str, float], dict[str, float]
         "dot element": 2 * fwd["dot element"],
         "narrow dot element": 2 * fwd["narrow dot element"],
         "dot": 2 * fwd["dot"],
-        "moved element": fwd["moved element"],
+        "moved element": fwd["moved element"] + outer_product,
         "loop element": loop_io + (steps * d * k * n if c.loop else 0),  # + the dw accumulation
         "loop step": fwd["loop step"],
         "io element": 2 * io,

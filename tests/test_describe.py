@@ -53,6 +53,8 @@ CASES = [
     ("b h c -> b h d", "h c d", "d h", dict(h=3, c=4, d=2), (2, 3, 4), dict(b=2, h=3, c=4, d=2)),
     ("b 1 c -> b d", "c d", "d", dict(c=3, d=2), (2, 1, 3), dict(b=2, c=3, d=2)),
     ("b (h w) c -> b h w", "c", "w", dict(c=3, w=2), (2, 6, 3), dict(b=2, h=3, w=2, c=3)),
+    ("b t c -> b d", "c d", "d", dict(c=3, d=2), (1, 4, 3), dict(b=1, t=4, c=3, d=2)),  # one row
+    ("b t c -> b t d", "c d", "d", dict(c=3, d=2), (1, 1, 3), dict(b=1, t=1, c=3, d=2)),
 ]
 IDS = [f"{c[0]}|{c[1]}|{c[2]}|{c[4]}" for c in CASES]
 
@@ -218,6 +220,14 @@ def test_plain_linear_is_one_dot_and_free_reshapes():
     assert [s.op for s in d.before] == ["reshape"]
     assert d.contraction.shape == (28, 8)
     assert [s.op for s in d.after] == ["reshape"]
+    assert "no transpose or broadcast" in str(d)
+
+
+def test_a_one_row_layer_moves_nothing():
+    # it runs with a unit batch dimension (see test_lower): the weight is reshaped, not broadcast
+    d = em.describe("b t c -> b d", (1, 4, 3), weight_shape="c d", c=3, d=2)
+    assert d.strategy == "broadcast batch" and d.rearranges == ()
+    assert d.before[-1].labels == ("b", "c", "d") and "(b c)" not in str(d)
     assert "no transpose or broadcast" in str(d)
 
 

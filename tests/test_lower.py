@@ -295,6 +295,40 @@ def test_output_gradient_is_transposed_once_for_the_dots_and_the_bias(
     assert materialized_moves(hlo).count(ct.size) == 1
 
 
+def entry_writes(hlo: str, size: int) -> list[str]:
+    """The entry computation's kernels that write an array of ``size`` elements."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    found = (_INSTRUCTION.search(line) for line in entry.splitlines())
+    return [
+        m.group(3)
+        for m in found
+        if m
+        and m.group(3) not in ("bitcast", "parameter", "tuple", "constant")
+        and int(np.prod([int(d) for d in m.group(2).split(",") if d])) == size
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "x_shape"),
+    [
+        ("b t c -> b t d", (1, 1, 48)),  # one token
+        ("b t c -> b d", (1, 16, 48)),  # t summed before the contraction: one row
+    ],
+)
+def test_one_row_weight_gradient_is_written_once(pattern, x_shape):
+    # with one row the weight gradient is an outer product; as a 2-d dot XLA:CPU writes it
+    # transposed and then copies it (4x slower forward+backward at c=1024, d=3072), with a unit
+    # batch dimension it is written once, in place
+    params, layer = em.init(
+        pattern, jax.random.key(0), weight_shape="c d", bias_shape="d", c=48, d=80
+    )
+    x = jnp.ones(x_shape)
+    ct = jnp.ones(jax.eval_shape(layer, params, x).shape)
+    grad = jax.grad(lambda p, x, ct: jnp.vdot(layer(p, x), ct), (0, 1))
+    hlo = jax.jit(grad).lower(params, x, ct).compile().as_text()
+    assert len(entry_writes(hlo, 48 * 80)) == 1, entry_writes(hlo, 48 * 80)
+
+
 @pytest.mark.parametrize(
     ("dtype", "param_dtype", "preferred"),
     [
