@@ -527,6 +527,27 @@ class _Computation:
 _COMPILED: LRU[Any] = LRU(COMPILED_APPLIES)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _dot_copied_lhs(dot: Callable, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``dot(lhs, rhs)`` with ``lhs`` written out first (an optimization barrier keeps XLA from
+    folding its transpose into the dot); derivatives as of ``dot(lhs, rhs)``, whose transposes
+    XLA may fold where that helps (the weight gradient's and x's gradient's dots).
+
+    Example:
+        >>> dot = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())))
+        >>> w, x = jnp.ones((3, 2)), jnp.ones((3, 4))
+        >>> _dot_copied_lhs(dot, w.T, x).shape
+        (2, 4)
+    """
+    return dot(lax.optimization_barrier(lhs), rhs)
+
+
+@_dot_copied_lhs.defjvp
+def _dot_copied_lhs_jvp(dot: Callable, primals: tuple, tangents: tuple) -> tuple:
+    (lhs, rhs), (dlhs, drhs) = primals, tangents
+    return _dot_copied_lhs(dot, lhs, rhs), dot(dlhs, rhs) + dot(lhs, drhs)  # bilinear
+
+
 def execute(
     low: Lowering, x: jax.Array, weight: jax.Array, layer: _Options, bias: jax.Array | None = None
 ) -> jax.Array:
@@ -547,15 +568,20 @@ def execute(
     # looked up at call time, so a tool that patches jax.lax.dot_general sees the contraction
     dot_general = layer.dot_general or jax.lax.dot_general
 
+    dot = functools.partial(
+        dot_general,
+        dimension_numbers=low.dimension_numbers,
+        precision=layer.precision,
+        preferred_element_type=layer.preferred_element_type,
+    )
+    # a hook (e.g. a quantized dot) need not be bilinear: it gets the operands as they are
+    copy_lhs = low.w_copy and layer.dot_general is None
+
     def contract(x: jax.Array) -> jax.Array:
         lhs, rhs = (x, w) if low.x_first else (w, x)
-        return dot_general(
-            lhs,
-            rhs,
-            low.dimension_numbers,
-            precision=layer.precision,
-            preferred_element_type=layer.preferred_element_type,
-        )
+        if copy_lhs:
+            return _dot_copied_lhs(dot, lhs, rhs)
+        return dot(lhs, rhs)
 
     y = lax.map(contract, x) if low.loop else contract(x)
     if bias is not None:  # in the dot's order: fuses into the transpose, and its gradient too
