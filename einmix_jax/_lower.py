@@ -419,17 +419,17 @@ TERMS = (
 NARROW = 16
 
 #: Seconds per unit of each term on XLA:CPU, fitted by ``benchmarks/calibrate.py`` to the
-#: forward and forward+backward times of every candidate of the regret corpus (seed 0; two runs,
-#: 1,003 timings of 80 layers, on a 2-core Intel Xeon VM).
+#: forward and forward+backward times of every candidate of the regret corpus (seed 0, 5 rounds:
+#: 494 timings of 40 layers, on a 2-core Intel Xeon VM).
 SECONDS: dict[str, float] = {
-    "flop": 3.96e-12,
-    "dot element": 2.03e-10,
-    "narrow dot element": 1.71e-10,
+    "flop": 3.46e-12,
+    "dot element": 1.79e-10,
+    "narrow dot element": 1.67e-10,
     "dot": 0.0,  # no per-matrix overhead beyond the elements on the machine fitted
-    "moved element": 3.53e-10,
-    "loop element": 5.88e-10,
-    "loop step": 9.56e-06,
-    "io element": 2.12e-10,
+    "moved element": 5.88e-10,
+    "loop element": 6.2e-10,
+    "loop step": 8.92e-06,
+    "io element": 1.15e-10,
 }
 
 #: A loop is taken only when it is predicted this much faster than the best form without one:
@@ -554,12 +554,12 @@ def candidates(
         >>> for c in choices:  # predicted regret, forward and forward+backward seconds
         ...     if 'rhs' not in c.label:
         ...         print(f'{c.label:38} {c.cost:4.2f} {c.fwd * 1e3:5.1f} ms {c.fwd_bwd * 1e3:5.1f} ms')
-        x first                                1.16  24.4 ms  68.0 ms
-        w first                                1.16  24.4 ms  68.0 ms
-        x first, batch (b), broadcast over b   1.25  26.2 ms  72.2 ms
-        w first, batch (b), broadcast over b   1.00  21.0 ms  61.8 ms
-        x first, loop over b                   1.72  34.4 ms  90.4 ms
-        w first, loop over b                   1.46  29.2 ms  80.0 ms
+        x first                                1.34  24.5 ms  64.6 ms
+        w first                                1.34  24.5 ms  64.7 ms
+        x first, batch (b), broadcast over b   1.48  26.9 ms  70.1 ms
+        w first, batch (b), broadcast over b   1.00  18.2 ms  52.8 ms
+        x first, loop over b                   2.00  34.8 ms  87.8 ms
+        w first, loop over b                   1.50  26.1 ms  70.5 ms
         >>> choose(choices).label
         'w first, batch (b), broadcast over b'
     """

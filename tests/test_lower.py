@@ -277,7 +277,7 @@ def test_multi_head_hlo_moves_x_and_the_output_once_each():
     ("pattern", "weight_shape", "bias_shape", "axes", "x_shape"),
     [
         ("b t c -> qkv b h t d", "c qkv h d", "qkv h d", dict(c=64, qkv=3, h=4, d=16), (4, 64, 64)),
-        ("b t (h c) -> b t (h d)", "h c d", "h d", dict(h=4, c=16, d=24), (4, 64, 64)),
+        ("b t (h c) -> b t (h d)", "h c d", "h d", dict(h=4, c=32, d=40), (4, 64, 128)),
     ],
 )
 def test_output_gradient_is_transposed_once_for_the_dots_and_the_bias(
