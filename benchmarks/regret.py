@@ -20,7 +20,8 @@ For each layer, in one process, on the same input and parameter values:
   ``jax.jit``; the planner's choice is the first cheapest, marked ``chosen``;
 * ``flax path`` -- ``lower(..., stored_weight=True)``, what ``einmix_jax.linen.EinMix`` runs;
 * ``measured pick`` -- the lowering ``einmix_jax.measured_planning()`` chooses (it times the cost
-  model's 4 cheapest candidates itself, before the rounds below);
+  model's cheapest candidate of each kind and the next cheapest, up to 4, itself, before the
+  rounds below);
 * ``rearrange+einsum`` -- ``einops.rearrange`` + ``jnp.einsum`` + bias (einops' own lowering);
 * ``einops layer`` -- ``einops.layers.flax.EinMix`` (its bias stored with broadcast 1s);
 * ``block-diagonal k=...`` (grouped layers) -- ``k`` groups packed into one block-diagonal
