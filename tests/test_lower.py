@@ -346,7 +346,7 @@ def dots_contracting_a_leading_lhs_dim(hlo: str) -> list[str]:
 
 def test_a_transposed_left_weight_is_written_out_before_the_dot():
     # mixing along x's first axis: the weight goes first, transposed; XLA:CPU would fold the
-    # transpose into the dot and run it outside its fast GEMM path (1.5x slower forward at
+    # transpose into the dot and run it outside its fast GEMM path (1.4x slower forward at
     # x (227, 128, 1024)); written out first, every dot of the forward and backward contracts
     # its left operand along its last dimension; values and derivatives (reverse and forward
     # mode, vmapped) are those of the numpy reference
