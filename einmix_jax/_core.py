@@ -527,6 +527,9 @@ class _Computation:
 _COMPILED: LRU[Any] = LRU(COMPILED_APPLIES)
 
 
+_LAX_DOT_GENERAL = jax.lax.dot_general  # as imported, before any tool patches it
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _dot_copied_lhs(dot: Callable, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """``dot(lhs, rhs)`` with ``lhs`` written out first (an optimization barrier keeps XLA from
@@ -574,8 +577,9 @@ def execute(
         precision=layer.precision,
         preferred_element_type=layer.preferred_element_type,
     )
-    # a hook (e.g. a quantized dot) need not be bilinear: it gets the operands as they are
-    copy_lhs = low.w_copy and layer.dot_general is None
+    # a hook or a patched jax.lax.dot_general (e.g. a quantized dot) need not be bilinear, as
+    # _dot_copied_lhs's derivative assumes: it gets the operands as they are
+    copy_lhs = low.w_copy and dot_general is _LAX_DOT_GENERAL
 
     def contract(x: jax.Array) -> jax.Array:
         lhs, rhs = (x, w) if low.x_first else (w, x)

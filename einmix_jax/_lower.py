@@ -31,7 +31,8 @@ stay in front, in x's order, in x, in the dot result and so in the output:
   are the dot's batch dimensions. The right operand may also be used as ``(D, N, K)`` (the
   dimension numbers say so, nothing moves), so a weight stored ``'d c'`` or an input whose
   contracted axes come last needs no transpose; the left operand keeps ``K`` last, the layout
-  XLA:CPU's fast GEMM kernels take without a copy.
+  XLA:CPU's fast GEMM kernels take without a copy (a transposed weight on the left is written
+  out before the dot, ``Lowering.w_copy``, or XLA would fold the transpose back into it).
 
 ``outer = []`` gives the two plain forms. The bias is added to the dot result before it is
 transposed to the output order, so the add fuses into that transpose and the bias gradient is
@@ -52,7 +53,9 @@ batched dot (a batch of tiny GEMMs, or a matrix-vector product, is bound by thes
 FLOPs); the number of matrices (the per-GEMM overhead); the elements a transpose, a weight
 broadcast (forward: the copy; backward: the sum of the per-slice weight gradients) or a packing
 moves, mirrored in the backward pass; the elements a loop copies in and out (and, backward, the
-weight gradient it accumulates per iteration); and the loop's iterations. Each count is exact;
+weight gradient it accumulates per iteration); the loop's iterations; and, for a dot with one
+row and no batch dimension, the weight gradient that XLA:CPU writes transposed and then copies
+(a unit batch dimension avoids it). Each count is exact;
 the seconds per unit (:data:`SECONDS`) are fitted by ``benchmarks/calibrate.py`` to the measured
 forward and forward+backward times of every candidate of the regret benchmark's corpus. The
 planner takes the candidate with the lowest predicted regret, the larger of its predicted

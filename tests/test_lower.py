@@ -21,7 +21,7 @@ import pytest
 
 import einmix_jax as em
 from einmix_jax import _lower
-from einmix_jax._core import apply_lowering, execute
+from einmix_jax._core import _LAX_DOT_GENERAL, apply_lowering, execute
 from einmix_jax._lower import Lowering, lower
 
 from .reference import reference_einmix
@@ -201,21 +201,29 @@ def moved_sizes(hlo: str) -> set[int]:
     return out
 
 
+def entry_instructions(hlo: str) -> list[tuple[str, str, int, str]]:
+    """(dtype, op, element count, line) of each instruction of the entry computation."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    found = ((_INSTRUCTION.search(line), line) for line in entry.splitlines())
+    return [
+        (m.group(1), m.group(3), int(np.prod([int(d) for d in m.group(2).split(",") if d])), line)
+        for m, line in found
+        if m
+    ]
+
+
 def materialized_moves(hlo: str) -> list[int]:
     """Sizes of the arrays that the entry computation writes with a copy/transpose kernel."""
     bodies = {c.split(" ", 1)[0].lstrip("%"): c for c in hlo.split("\n\n") if c.startswith("%")}
-    entry = hlo[hlo.index("\nENTRY") :]
     out = []
-    for line in entry.splitlines():
-        found = _INSTRUCTION.search(line)
-        if not found or found.group(1) == "s32":
+    for dtype, op, size, line in entry_instructions(hlo):
+        if dtype == "s32":
             continue
         called = re.search(r"calls=%([\w.-]+)", line)
-        moving = found.group(3) in ("copy", "transpose") or (
+        if op in ("copy", "transpose") or (
             called is not None and moved_sizes(bodies.get(called.group(1), ""))
-        )
-        if moving:
-            out.append(int(np.prod([int(d) for d in found.group(2).split(",") if d])))
+        ):
+            out.append(size)
     return out
 
 
@@ -297,14 +305,10 @@ def test_output_gradient_is_transposed_once_for_the_dots_and_the_bias(
 
 def entry_writes(hlo: str, size: int) -> list[str]:
     """The entry computation's kernels that write an array of ``size`` elements."""
-    entry = hlo[hlo.index("\nENTRY") :]
-    found = (_INSTRUCTION.search(line) for line in entry.splitlines())
     return [
-        m.group(3)
-        for m in found
-        if m
-        and m.group(3) not in ("bitcast", "parameter", "tuple", "constant")
-        and int(np.prod([int(d) for d in m.group(2).split(",") if d])) == size
+        op
+        for _, op, n, _ in entry_instructions(hlo)
+        if n == size and op not in ("bitcast", "parameter", "tuple", "constant")
     ]
 
 
@@ -375,6 +379,41 @@ def test_a_transposed_left_weight_is_written_out_before_the_dot():
     hlo_bwd = jax.jit(grad).lower(f32(p), f32(x), f32(ys[0])).compile().as_text()
     if low.w_copy:
         assert not dots_contracting_a_leading_lhs_dim(hlo + hlo_bwd)
+
+
+def frozen_lhs_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """A dot whose own derivative gives its left operand no gradient (like a tool's custom VJP)."""
+    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+
+    @jax.custom_vjp
+    def dot(lhs, rhs):
+        return _LAX_DOT_GENERAL(lhs, rhs, dimension_numbers, **kw)
+
+    def bwd(res, g):
+        lhs, rhs = res
+        _, vjp = jax.vjp(lambda r: _LAX_DOT_GENERAL(lhs, r, dimension_numbers, **kw), rhs)
+        return jnp.zeros_like(lhs), vjp(g)[0]
+
+    dot.defvjp(lambda lhs, rhs: (dot(lhs, rhs), (lhs, rhs)), bwd)
+    return dot(lhs, rhs)
+
+
+@pytest.mark.parametrize("how", ["option", "patched"])
+def test_a_dot_general_hook_keeps_its_own_derivative(how, monkeypatch):
+    # the weight-first form with a transposed weight (w_copy) wraps the plain dot in a custom
+    # JVP that assumes it is bilinear; a hook's (or a patched jax.lax.dot_general's) derivative
+    # must stand instead: here the weight, the left operand, gets no gradient
+    axes = dict(t=23, u=29)
+    if how == "patched":
+        monkeypatch.setattr(jax.lax, "dot_general", frozen_lhs_dot)
+        layer = em.layer("t b c -> u b c", weight_shape="t u", **axes)
+    else:
+        layer = em.layer("t b c -> u b c", weight_shape="t u", dot_general=frozen_lhs_dot, **axes)
+    x = jnp.ones((23, 3, 5))
+    assert lower(layer.plan, x.shape).w_copy == (jax.default_backend() == "cpu")
+    params = layer.init(jax.random.key(0))
+    g_w, g_x = jax.grad(lambda p, x: jnp.sum(layer(p, x) ** 2), (0, 1))(params, x)
+    assert not np.any(g_w["weight"]) and np.any(g_x)
 
 
 @pytest.mark.parametrize(
