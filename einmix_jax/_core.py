@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -62,6 +64,69 @@ def hook_key(fn: Any) -> Any:
     except TypeError:
         return _Identity(fn)
     return fn
+
+
+class _Weak:
+    """A key part held weakly: equal to another while both objects live and are equal.
+
+    A compiled apply's key holds its hook this way, so a hook (and what it captured) is freed
+    with the layer that holds it, while an equal rebuilt partial finds the same compiled apply.
+    """
+
+    __slots__ = ("__weakref__", "hash", "ref")
+
+    def __init__(self, obj: Any) -> None:
+        is_method = hasattr(obj, "__self__") and hasattr(obj, "__func__")
+        self.ref = (weakref.WeakMethod if is_method else weakref.ref)(obj)
+        self.hash = hash(obj)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Weak):
+            return False
+        a, b = self.ref(), other.ref()
+        return a is not None and b is not None and (a is b or bool(a == b))
+
+    def __hash__(self) -> int:
+        return self.hash
+
+
+def weak_key(key: Any) -> Any:
+    """``key`` (a :func:`hook_key`) with every object in it held weakly where it can be.
+
+    Example:
+        >>> weak_key(hook_key(functools.partial(max, 1))) == weak_key(hook_key(functools.partial(max, 1)))
+        True
+    """
+    if isinstance(key, tuple):
+        return tuple(weak_key(k) for k in key)
+    if isinstance(key, _Identity):
+        try:
+            return _WeakIdentity(key.obj)
+        except TypeError:
+            return key
+    try:
+        return _Weak(key)
+    except TypeError:  # a value (a number, a string, None): nothing to free
+        return key
+
+
+class _WeakIdentity(_Weak):
+    """A weakly held object that compares by identity (it may be unhashable)."""
+
+    __slots__ = ()
+
+    def __init__(self, obj: Any) -> None:
+        self.ref = weakref.ref(obj)
+        self.hash = id(obj)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _WeakIdentity):
+            return False
+        a = self.ref()
+        return a is not None and a is other.ref()
+
+    def __hash__(self) -> int:
+        return self.hash
 
 
 class _Identity:
@@ -245,14 +310,16 @@ class EinMix:
         weight, bias = _check_params(self, _entries(self, params))  # errors before any trace
         x = x if isinstance(x, jax.Array) else jnp.asarray(x)
         if self.out_sharding is not None or explicit_mesh_active():
-            # the mesh rules need the plan: one computation per layer (its initializers dropped)
-            key = _Computation.of(
-                self, None, dataclasses.replace(self, weight_init=None, bias_init=None)
-            )
+            # the mesh rules need the plan: one computation per layer (its initializers and hook
+            # dropped: the hook is held weakly, as in every computation)
+            bare = dataclasses.replace(self, weight_init=None, bias_init=None, dot_general=None)
+            key = _Computation.of(self, None, bare)
         else:
             key = _Computation.of(self, _lowering(self, weight, bias, x), None)
         params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-        return _COMPILED.get_or_add(key, lambda: jax.jit(key))(params, x)
+        computation, jitted = _COMPILED.get_or_add(key, lambda: (key, jax.jit(key)))
+        computation.use(self.dot_general)  # an equal hook of this call's, for any retrace
+        return jitted(params, x)
 
 
 def _checked(value: Any, layer: EinMix, name: str) -> jax.Array:
@@ -389,14 +456,16 @@ def _apply(
     layer: EinMix,
     stored_weight: bool = False,
     measure: bool = False,
+    traced: bool = False,
 ) -> jax.Array:
+    """One apply, in the caller's trace; ``traced``: a module's (a tool may see the contraction)."""
     weight, bias = _check_params(layer, params)
     x = jnp.asarray(x)
     if stored_weight:
-        low = lower(layer.plan, tuple(x.shape), stored_weight=True)
+        low = lower(layer.plan, tuple(x.shape), stored_weight=True, x_as_given=intercepted(layer))
     else:
         low = _lowering(layer, weight, bias, x, measure)
-    return _compute(low, layer, weight, bias, x)
+    return _compute(low, layer, weight, bias, x, traced)
 
 
 def _packs(weight: Any) -> bool | None:
@@ -426,7 +495,7 @@ def _lowering(
         _dtype(layer, weight, bias, x),
         weight.dtype,
         bias is not None,
-        (*options, hook_key(layer.dot_general)),
+        (*options, weak_key(hook_key(layer.dot_general))),
         run,
         packs,
     )
@@ -439,7 +508,7 @@ def apply_lowering(low: Lowering, params: Params, x: ArrayLike, layer: EinMix) -
     The benchmarks time every candidate this way.
     """
     weight, bias = _check_params(layer, params)
-    return _compute(low, layer, weight, bias, jnp.asarray(x))
+    return _compute(low, layer, weight, bias, jnp.asarray(x), traced=True)
 
 
 class _Options(Protocol):
@@ -456,14 +525,19 @@ class _Options(Protocol):
 
 
 def _compute(
-    low: Lowering, options: _Options, weight: Any, bias: jax.Array | None, x: jax.Array
+    low: Lowering,
+    options: _Options,
+    weight: Any,
+    bias: jax.Array | None,
+    x: jax.Array,
+    traced: bool = False,
 ) -> jax.Array:
     """The dtype rule, then the lowering's steps (:func:`execute`), on checked params."""
     dtype = _dtype(options, weight, bias, x)
     x = x.astype(dtype)
     if _is_array(weight) and weight.dtype != dtype:  # a container is the tool's to convert
         weight = weight.astype(dtype)
-    y = execute(low, x, weight, options, bias)
+    y = execute(low, x, weight, options, bias, traced)
     return y.reshape(low.out_shape)
 
 
@@ -499,35 +573,97 @@ class _Computation:
     dtype: np.dtype | None
     precision: Any
     preferred_element_type: np.dtype | None
-    dot_key: Any  #: what ``dot_general`` compares by (a partial: its function and arguments)
-    sharded: EinMix | None  #: the layer, initializers dropped, when mesh rules apply
-    dot_general: DotGeneral | None = dataclasses.field(compare=False)
+    #: what ``dot_general`` compares by (a partial: its function and arguments), held weakly
+    dot_key: Any
+    sharded: EinMix | None  #: the layer, initializers and hook dropped, when mesh rules apply
+    #: the hook of the latest call, held weakly (the call holds it while it may trace)
+    hook_ref: Callable[[], DotGeneral | None] = dataclasses.field(compare=False)
 
     @classmethod
     def of(cls, layer: EinMix, low: Lowering | None, sharded: EinMix | None) -> _Computation:
-        return cls(
-            low,
-            layer.dtype,
-            layer.precision,
-            layer.preferred_element_type,
-            hook_key(layer.dot_general),
-            sharded,
-            layer.dot_general,
-        )
+        key = weak_key(hook_key(layer.dot_general))
+        dtype, precision, preferred = layer.dtype, layer.precision, layer.preferred_element_type
+        return cls(low, dtype, precision, preferred, key, sharded, _ref(layer.dot_general))
+
+    def use(self, hook: DotGeneral | None) -> None:
+        """Trace with ``hook`` (equal to the one this computation was made with) from now on."""
+        object.__setattr__(self, "hook_ref", _ref(hook))
+
+    @property
+    def dot_general(self) -> DotGeneral | None:
+        """The hook, for the steps (:class:`_Options`)."""
+        hook = self.hook_ref()
+        if hook is None and self.dot_key is not None:
+            raise EinMixError("the dot_general hook of this compiled apply was deleted")
+        return hook
 
     def __call__(self, params: Params, x: jax.Array) -> jax.Array:
-        """The traced body of the compiled apply."""
+        """The traced body of the compiled apply: no tool sees inside it (``jax.lax.dot_general``
+        as imported, unless the layer has a hook), whatever is patched while it is traced."""
         if self.sharded is not None:
-            return apply_sharded(_apply, params, x, self.sharded)
+            layer = dataclasses.replace(self.sharded, dot_general=self.dot_general)
+            return apply_sharded(_apply, params, x, layer)
         assert self.lowering is not None
         return _compute(self.lowering, self, params["weight"], params.get("bias"), x)
 
 
-#: the ``jax.jit`` function of each :class:`_Computation` applied (see :data:`COMPILED_APPLIES`)
-_COMPILED: LRU[Any] = LRU(COMPILED_APPLIES)
+def _ref(hook: DotGeneral | None) -> Callable[[], DotGeneral | None]:
+    """A weak reference to ``hook`` where it can be held weakly, else a strong one."""
+    if hook is None:
+        return lambda: None
+    try:
+        is_method = hasattr(hook, "__self__") and hasattr(hook, "__func__")
+        return (weakref.WeakMethod if is_method else weakref.ref)(hook)
+    except TypeError:  # e.g. a builtin: nothing it could capture
+        return lambda: hook
 
 
-_LAX_DOT_GENERAL = jax.lax.dot_general  # as imported, before any tool patches it
+#: each :class:`_Computation` applied and its ``jax.jit`` function (see :data:`COMPILED_APPLIES`)
+_COMPILED: LRU[tuple[_Computation, Any]] = LRU(COMPILED_APPLIES)
+
+
+def _private_copy(fn: Callable) -> Callable:
+    """A copy of a plain function that a tool patching ``fn`` (its attribute in its module, or
+    its code object, as qwix does) does not reach; anything else as it is."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    return copy
+
+
+#: what tools patch: the public functions as imported, and their code
+_PATCHED = tuple(
+    (module, name, getattr(module, name), getattr(getattr(module, name), "__code__", None))
+    for module, name in ((jax.lax, "dot_general"), (jnp, "einsum"))
+)
+#: the functional apply's contraction: ``jax.lax.dot_general`` as imported, where no tool reaches
+_LAX_DOT_GENERAL = _private_copy(jax.lax.dot_general)
+
+
+def intercepted(layer: EinMix) -> bool:
+    """Whether a tool may see ``layer``'s contraction while a module is traced: a ``dot_general``
+    hook, or ``jax.lax.dot_general`` / ``jnp.einsum`` patched (as qwix does while it traces).
+
+    Example:
+        >>> intercepted(einmix_jax.layer('b c -> b d', c=2, d=3))
+        False
+    """
+    return layer.dot_general is not None or tool_active()
+
+
+def tool_active() -> bool:
+    """Whether ``jax.lax.dot_general`` or ``jnp.einsum`` is patched now (by an interception tool).
+
+    Example:
+        >>> tool_active()
+        False
+    """
+    return any(
+        getattr(module, name) is not fn or getattr(fn, "__code__", None) is not code
+        for module, name, fn, code in _PATCHED
+    )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -552,9 +688,21 @@ def _dot_copied_lhs_jvp(dot: Callable, primals: tuple, tangents: tuple) -> tuple
 
 
 def execute(
-    low: Lowering, x: jax.Array, weight: jax.Array, layer: _Options, bias: jax.Array | None = None
+    low: Lowering,
+    x: jax.Array,
+    weight: jax.Array,
+    layer: _Options,
+    bias: jax.Array | None = None,
+    traced: bool = False,
 ) -> jax.Array:
-    """Run a lowering: the contraction and the bias add; returns the output with groups split."""
+    """Run a lowering: the contraction and the bias add; returns the output with groups split.
+
+    The contraction is ``layer.dot_general``, else ``jax.lax.dot_general``: looked up at call
+    time when ``traced`` (a module's call, so a tool that patches it sees the contraction), as
+    imported otherwise (the functional apply's own jit: no tool sees inside it). It is called as
+    Flax's layers call it: ``dot_general(lhs, rhs, dimension_numbers, precision=...)``, with
+    ``preferred_element_type=`` only when it is set.
+    """
     x = x.reshape(low.x_flat_shape)
     if low.sum_axes:
         x = x.sum(low.sum_axes)
@@ -568,18 +716,17 @@ def execute(
         w = jnp.broadcast_to(w.reshape(low.w_broadcast[0]), low.w_broadcast[1])
     if tuple(w.shape) != low.w_dot_shape:  # else the weight goes in as it is (see _lower)
         w = w.reshape(low.w_dot_shape)
-    # looked up at call time, so a tool that patches jax.lax.dot_general sees the contraction
-    dot_general = layer.dot_general or jax.lax.dot_general
+    dot_general = layer.dot_general or (jax.lax.dot_general if traced else _LAX_DOT_GENERAL)
+    kwargs: dict[str, Any] = {"precision": layer.precision}
+    if layer.preferred_element_type is not None:
+        kwargs["preferred_element_type"] = layer.preferred_element_type
 
-    dot = functools.partial(
-        dot_general,
-        dimension_numbers=low.dimension_numbers,
-        precision=layer.precision,
-        preferred_element_type=layer.preferred_element_type,
-    )
+    def dot(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+        return dot_general(lhs, rhs, low.dimension_numbers, **kwargs)
+
     # a hook or a patched jax.lax.dot_general (e.g. a quantized dot) need not be bilinear, as
     # _dot_copied_lhs's derivative assumes: it gets the operands as they are
-    copy_lhs = low.w_copy and dot_general is _LAX_DOT_GENERAL
+    copy_lhs = low.w_copy and layer.dot_general is None and not (traced and tool_active())
 
     def contract(x: jax.Array) -> jax.Array:
         lhs, rhs = (x, w) if low.x_first else (w, x)
@@ -600,7 +747,7 @@ def _apply_maybe_sharded(
     params: Params, x: ArrayLike, *, layer: EinMix, stored_weight: bool = False
 ) -> jax.Array:
     """``_apply``, under the mesh's sharding rules when the layer or the context mesh asks for it."""
-    compute = functools.partial(_apply, stored_weight=stored_weight)
+    compute = functools.partial(_apply, stored_weight=stored_weight, traced=True)
     if layer.out_sharding is not None or explicit_mesh_active():
         return apply_sharded(compute, params, x, layer)
     return compute(params, x, layer=layer, measure=True)

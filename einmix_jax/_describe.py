@@ -280,7 +280,12 @@ def _permuted(names: list[str], perm: tuple[int, ...] | None) -> list[str]:
 
 def _describe(mix: EinMix, x_shape: Shape, weight_as_stored: bool = False) -> Description:
     """Read the steps of ``_core.execute`` off the lowering, labelling dimensions by axis."""
-    low = lower(mix.plan, x_shape, stored_weight=weight_as_stored)
+    # the Flax layers keep x as given when a hook may intercept the contraction (see lower)
+    as_given = weight_as_stored and mix.dot_general is not None
+    if as_given:
+        low = lower(mix.plan, x_shape, stored_weight=True, x_as_given=True)
+    else:
+        low = lower(mix.plan, x_shape, stored_weight=weight_as_stored)
     x_axes, w_axes, out_axes = (list(a) for a in low.flat_axes)
     sizes = dict(zip(x_axes, low.x_flat_shape, strict=True))
     sizes.update(zip(out_axes, low.out_flat_shape, strict=True))

@@ -20,6 +20,7 @@ OPTION_NAMES = frozenset(
         "weight_init",
         "bias_init",
         "dot_general",
+        "dot_general_cls",
         "out_sharding",
         "logical_axes",
         "rngs",

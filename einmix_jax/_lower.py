@@ -542,11 +542,13 @@ def candidates(
     loops: bool | None = None,
     stored_weight: bool = False,
     packs: bool | None = None,
+    x_as_given: bool = False,
 ) -> list[Choice]:
     """Every lowering :func:`lower` chooses from, in its tie-breaking order, with its cost.
 
     ``lower(plan, x_shape, loops, stored_weight, packs)`` is ``build`` of the first cheapest of
-    these. With ``stored_weight`` there is one, the Flax layers' form, at cost 1. ``packs``
+    these. With ``stored_weight`` there is one, the Flax layers' form, at cost 1 (with
+    ``x_as_given``, the form they run under an interception tool). ``packs``
     allows block-diagonal packings; ``None`` allows them on a single device (a packing merges the
     group axis, which may be sharded).
 
@@ -568,7 +570,8 @@ def candidates(
     """
     ax = _classify(plan, x_shape)
     if stored_weight:
-        found = [(ax, _stored_weight_order(ax.w_axes, ax.x_free, ax.contracted, ax.batch))]
+        order = _x_as_given_order(ax) if x_as_given else _stored_weight_order(ax)
+        found = [(ax, order)]
     else:
         if loops is None:
             loops = _loops_pay_off()
@@ -588,7 +591,7 @@ def candidates(
     best_fb = min(t[1] for t in times) or 1.0
     return [
         Choice(
-            _label(c, stored_weight),
+            _label(c, stored_weight) + (", x as given" if x_as_given else ""),
             max(f / best_fwd, fb / best_fb) * (1 + LOOP_MARGIN if c.loop else 1),
             c,
             stored_weight,
@@ -627,13 +630,16 @@ def lower(
     loops: bool | None = None,
     stored_weight: bool = False,
     packs: bool | None = None,
+    x_as_given: bool = False,
 ) -> Lowering:
     """Decide the lowering of ``plan`` for an input of ``x_shape`` (cached).
 
     ``loops`` allows the loop candidates (see the module docstring); ``None`` allows them on a
     single XLA:CPU device; ``packs`` the block-diagonal packings (``None``: on a single device).
     ``stored_weight`` asks for the one lowering in which the weight is the dot's right operand
-    exactly as stored (see :func:`_stored_weight_order`), as the Flax layers need it. The same as ``build(plan, x_shape, choose(candidates(...)))``.
+    exactly as stored (see :func:`_stored_weight_order`), as the Flax layers need it;
+    ``x_as_given`` also keeps x's axes as they are (:func:`_x_as_given_order`), as the Flax layers
+    run under an interception tool. The same as ``build(plan, x_shape, choose(candidates(...)))``.
 
     Example:
         >>> from ._parse import parse
@@ -644,7 +650,8 @@ def lower(
         >>> low.w_broadcast
         ((1, 256, 196), (64, 256, 196))
     """
-    return build(plan, x_shape, choose(candidates(plan, x_shape, loops, stored_weight, packs)))
+    choices = candidates(plan, x_shape, loops, stored_weight, packs, x_as_given)
+    return build(plan, x_shape, choose(choices))
 
 
 def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
@@ -725,9 +732,7 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
     )
 
 
-def _stored_weight_order(
-    w_axes: list[str], x_free: list[str], contracted: list[str], batch: list[str]
-) -> _Candidate:
+def _stored_weight_order(ax: _Axes) -> _Candidate:
     """The lowering with the weight as the dot's right operand, untouched (the Flax layers' form).
 
     Tools that intercept ``jax.lax.dot_general`` while a Flax module is traced (qwix's
@@ -740,6 +745,7 @@ def _stored_weight_order(
     about 1.4x slower on XLA:CPU). The dot gives ``(batch..., rows, w-only...)``, transposed to
     the output order afterwards.
     """
+    w_axes, x_free, contracted, batch = ax.w_axes, ax.x_free, ax.contracted, ax.batch
     in_x = set(batch) | set(contracted)
     b_w = [a for a in w_axes if a in batch]
     k_w = [a for a in w_axes if a in contracted]
@@ -755,6 +761,40 @@ def _stored_weight_order(
         y_order=b_w + x_free + g_w,
         x_blocks=[*([a] for a in b_w), *([x_free] if x_free else []), *([a] for a in k_w)],
         w_blocks=[[a] for a in w_axes],
+    )
+
+
+def _x_as_given_order(ax: _Axes) -> _Candidate:
+    """The stored-weight form with x's axes as they are: nothing moves before the dot.
+
+    The Flax layers run it while a tool intercepts the contraction: x reaches the dot with the
+    axes ``nn.Dense`` would give it (groups split, summed axes summed, each axis its own
+    dimension, in x's order), so the tool's view of x is ``nn.Dense``'s. qwix takes its batch
+    axes (``act_batch_axes``, per-token static scales) by position, and finds a weight by shape
+    when its identity is lost: a merged ``((b t), c)`` view of x can have the weight's shape.
+    The dot gives ``(batch..., x-only..., w-only...)``, transposed to the output order afterwards.
+
+    Example:
+        >>> from ._parse import parse
+        >>> plan = parse('b t (h c) -> b t (h d)', 'h c d', None, (('h', 2), ('c', 3), ('d', 4)))
+        >>> low = build(plan, (5, 7, 6), candidates(plan, (5, 7, 6), stored_weight=True,
+        ...                                          x_as_given=True)[0])
+        >>> low.x_perm, low.x_dot_shape, low.dimension_numbers
+        (None, (5, 7, 2, 3), (((3,), (1,)), ((2,), (0,))))
+    """
+    batch = [a for a in ax.x_kept if a in set(ax.batch)]
+    in_x = set(ax.batch) | set(ax.contracted)
+    return _Candidate(
+        loop=[],
+        dot_batch=batch,
+        bcast=[],
+        x_first=True,
+        rhs_t=False,
+        x_order=list(ax.x_kept),
+        w_order=list(ax.w_axes),
+        y_order=batch + ax.x_free + [a for a in ax.w_axes if a not in in_x],
+        x_blocks=[[a] for a in ax.x_kept],
+        w_blocks=[[a] for a in ax.w_axes],
     )
 
 

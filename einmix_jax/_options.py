@@ -112,6 +112,24 @@ def hook_option(name: str, value: Any, context: str, *, optional: bool) -> Any:
     return value
 
 
+def check_hook_class(cls: Any, dot_general: Any, context: str) -> None:
+    """``dot_general_cls``: a callable (a class) that makes the contraction, not beside a hook.
+
+    Example:
+        >>> check_hook_class(None, None, '')
+    """
+    if cls is None:
+        return
+    reject_length("dot_general_cls", cls, context)
+    if not callable(cls):
+        raise EinMixError(
+            f"dot_general_cls must be a class whose instances are the contraction, like "
+            f"flax.linen.fp8_ops.Fp8DirectDotGeneralOp, got {cls!r} ({context})"
+        )
+    if dot_general is not None:
+        raise EinMixError(f"give dot_general or dot_general_cls, not both ({context})")
+
+
 def check_options(
     context: str,
     *,

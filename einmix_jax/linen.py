@@ -9,6 +9,7 @@ the core. ``variables['params']`` is therefore exactly the functional params dic
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ from jax.typing import ArrayLike, DTypeLike
 from . import _core
 from ._errors import EinMixError, describe_call
 from ._init import Initializer
-from ._options import check_options, merge_sizes, options_repr, reject_length
+from ._options import check_hook_class, check_options, merge_sizes, options_repr, reject_length
 from ._parse import ELLIPSIS, infer_weight_shape, normalize_axes, param_sizes_from_input
 from ._shard import param_axes
 
@@ -48,7 +49,9 @@ class EinMix(nn.Module):
         bias_init: the same for the bias; ``None``: the core's default (symmetric uniform,
             bound ``sqrt(1/fan_in)``).
         dot_general: the contraction (a hook for quantisation); ``None``: ``jax.lax.dot_general``,
-            looked up at each call.
+            looked up at each call. Called as Flax's layers call it:
+            ``dot_general(x, weight, dimension_numbers, precision=...)``, plus
+            ``preferred_element_type=`` when that is set.
         preferred_element_type: accumulation dtype passed to ``dot_general``.
         logical_axes: partitioning metadata, off by default (``None``: the params are plain
             arrays). ``True`` (or ``{}``) boxes each param as ``nn.LogicallyPartitioned`` whose
@@ -56,6 +59,10 @@ class EinMix(nn.Module):
             some of them. Then ``nn.get_partition_spec``, ``nn.logical_axis_rules`` and
             ``nn.logical_to_mesh_sharding`` work as with Flax's own layers, and ``nn.unbox`` gives
             the plain params. Stored as a ``FrozenDict``.
+        dot_general_cls: a class whose instance, made inside the module at each call, is the
+            contraction, as ``nn.Dense(dot_general_cls=...)`` takes Flax's fp8 ops
+            (``nn.fp8_ops.Fp8DirectDotGeneralOp``): a stateful op's variables live under this
+            module. Not with ``dot_general``.
 
     Example:
         >>> import flax.linen as nn
@@ -90,6 +97,7 @@ class EinMix(nn.Module):
     dot_general: _core.DotGeneral | None = None
     preferred_element_type: DTypeLike | None = None
     logical_axes: Mapping[str, str] | bool | None = None
+    dot_general_cls: Any = None
 
     def __post_init__(self) -> None:
         context = describe_call(self.pattern, self.weight_shape, self.bias_shape)
@@ -104,6 +112,7 @@ class EinMix(nn.Module):
             weight_init=self.weight_init,
             bias_init=self.bias_init,
         )
+        check_hook_class(self.dot_general_cls, self.dot_general, context)
         if not isinstance(self.sizes, FrozenDict):
             # A dict would make the module unhashable (as einops' layer is); None: no sizes.
             object.__setattr__(self, "sizes", FrozenDict(self.sizes or {}))
@@ -175,14 +184,25 @@ class EinMix(nn.Module):
 
         At apply the stored params fix the lengths; a missing, extra or misshapen param is the
         functional form's ``EinMixError``, not a Flax error. Entries named ``weight_*`` or
-        ``bias_*`` are left to the tools that add them (qwix's LoRA factors ``weight_lora_a``).
+        ``bias_*`` are left to the tools that add them (qwix's LoRA factors ``weight_lora_a``),
+        and so is every other entry while a tool intercepts the contraction.
         """
         shapes, own = None, {}
+        hook = self.dot_general_cls() if self.dot_general_cls is not None else self.dot_general
         if not self.is_mutable_collection("params") or self.has_variable("params", "weight"):
             stored = dict(self.variables.get("params", {}))  # apply: the params fix the lengths
-            own = {k: v for k, v in stored.items() if not k.startswith(("weight_", "bias_"))}
+            # a tool's own entries: qwix's LoRA factors ('weight_lora_a'), and, while a tool
+            # intercepts the contraction, any other (qwix's static scales, 'dot_general0_...')
+            tool = hook is not None or _core.tool_active()
+            own = {
+                k: v
+                for k, v in stored.items()
+                if k in ("weight", "bias") or not (tool or k.startswith(("weight_", "bias_")))
+            }
             shapes = {k: _param_shape(nn.meta.unbox(v)) for k, v in own.items()}
         layer = self.functional(tuple(jnp.shape(x)), shapes)
+        if self.dot_general_cls is not None:
+            layer = dataclasses.replace(layer, dot_general=hook)
         if shapes is not None and shapes != layer.param_shapes:
             _core._check_params(layer, nn.meta.unbox(own))  # raises the functional form's error
         inits: dict[str, Any] = {"weight": layer.init_weight}
@@ -227,6 +247,7 @@ def _options_repr(module: Any) -> list[str]:
         "bias_init": module.bias_init,
         "dot_general": module.dot_general,
         "preferred_element_type": module.preferred_element_type,
+        "dot_general_cls": module.dot_general_cls,
     }
     for name in ("dtype", "param_dtype", "preferred_element_type"):
         if options[name] is not None:

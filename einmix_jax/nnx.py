@@ -9,6 +9,7 @@ axis names as NNX sharding metadata (through ``nnx.with_partitioning``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ from jax.typing import ArrayLike, DTypeLike
 from . import _core
 from ._errors import EinMixError
 from ._init import Initializer
-from ._options import axes_repr, options_repr, reject_length
+from ._options import axes_repr, check_hook_class, options_repr, reject_length
 from ._shard import param_axes
 from .linen import _logical_option
 
@@ -47,7 +48,11 @@ class EinMix(nnx.Module):
         bias_init: the same for the bias; ``None``: the core's default (symmetric uniform,
             bound ``sqrt(1/fan_in)``).
         dot_general: the contraction (a hook for quantisation); ``None``: ``jax.lax.dot_general``,
-            looked up at each call.
+            looked up at each call. Called as Flax's layers call it:
+            ``dot_general(x, weight, dimension_numbers, precision=...)``, plus
+            ``preferred_element_type=`` when that is set.
+        dot_general_cls: a class whose instance, made at each call, is the contraction, as
+            ``nnx.Linear(dot_general_cls=...)`` takes it. Not with ``dot_general``.
         logical_axes: sharding metadata, off by default (``None``: plain Params).
             ``True`` (or ``{}``) gives each Param its axis names in the pattern as sharding names
             (``nnx.with_partitioning``); a mapping such as ``{'c': 'embed'}`` renames some of
@@ -101,6 +106,7 @@ class EinMix(nnx.Module):
         weight_init: Initializer | None = None,
         bias_init: Initializer | None = None,
         dot_general: _core.DotGeneral | None = None,
+        dot_general_cls: Any = None,
         logical_axes: Mapping[str, str] | bool | None = None,
         rngs: nnx.Rngs,
         **axes: int,
@@ -125,6 +131,9 @@ class EinMix(nnx.Module):
             dot_general=dot_general,
             **axes,
         )
+        check_hook_class(dot_general_cls, dot_general, self.functional.plan.context())
+        #: Instantiated at each call to make the contraction (as ``nnx.Linear`` does); static.
+        self.dot_general_cls = dot_general_cls
         logical = _logical_option(logical_axes, pattern)
         #: The ``logical_axes`` option as ``(axis, logical name)`` pairs; ``None``: no metadata.
         self.logical_axes = None if logical is None else tuple(logical.items())
@@ -152,6 +161,7 @@ class EinMix(nnx.Module):
                 "dot_general": core.dot_general,
                 "weight_init": core.weight_init,
                 "bias_init": core.bias_init,
+                "dot_general_cls": self.dot_general_cls,
             }
         )
         if self.logical_axes is not None:
@@ -192,7 +202,10 @@ class EinMix(nnx.Module):
 
     def __call__(self, x: ArrayLike) -> jax.Array:
         """Apply the layer: the core's ``apply`` with this module's params."""
-        return _core.apply_traced(self.functional, self.get_params(), x)
+        layer = self.functional
+        if self.dot_general_cls is not None:
+            layer = dataclasses.replace(layer, dot_general=self.dot_general_cls())
+        return _core.apply_traced(layer, self.get_params(), x)
 
 
 def _param(
