@@ -1,5 +1,7 @@
-"""The public door: what ``import einmix_jax`` brings in, and what it exports."""
+"""The public door: what ``import einmix_jax`` brings in, and what it exports; the extras."""
 
+import ast
+import importlib.metadata
 import site
 import subprocess
 import sys
@@ -7,7 +9,18 @@ import venv
 import zipfile
 from pathlib import Path
 
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 import einmix_jax as em
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_import_does_not_import_flax_or_equinox_until_their_layer_is_used():
@@ -83,3 +96,103 @@ def test_built_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     location, installed_version, module_version = result.stdout.split()
     assert Path(location).is_relative_to(env), location
     assert installed_version == module_version == em.__version__
+
+
+def _installed_by(extra: str) -> set[str]:
+    """The distributions ``pip install ".[extra]"`` brings: pyproject's dependencies and the
+    extra's (the project's own extras expanded from pyproject, not from possibly stale installed
+    metadata), and, as installed here, everything they require in turn."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = canonicalize_name(project["name"])
+    seen: set[tuple[str, str]] = set()
+    todo = [(name, extra)]
+    while todo:
+        dist, dist_extra = todo.pop()
+        if (dist, dist_extra) in seen:
+            continue
+        seen.add((dist, dist_extra))
+        if dist == name:
+            requires = [
+                *project["dependencies"],
+                *project["optional-dependencies"].get(dist_extra, []),
+            ]
+            environment = {"extra": ""}
+        else:
+            try:
+                requires = importlib.metadata.requires(dist) or []
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            environment = {"extra": dist_extra}
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(environment):
+                todo += [(canonicalize_name(req.name), e) for e in ("", *req.extras)]
+    return {dist for dist, _ in seen}
+
+
+def _module_level(tree: ast.Module) -> list[ast.AST]:
+    """The statements importing the module runs: not its functions' bodies (an import inside a
+    function is needed only when the function is called)."""
+    nodes, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            todo += [
+                c
+                for c in ast.iter_child_nodes(node)
+                if isinstance(c, (ast.stmt, ast.excepthandler))
+            ]
+    return nodes
+
+
+def _distributions(module: str) -> set[str]:
+    return {
+        canonicalize_name(d) for d in importlib.metadata.packages_distributions().get(module, [])
+    }
+
+
+def test_docs_extra_alone_installs_what_the_docs_build_needs():
+    """`pip install ".[docs]" && mkdocs build --strict` (the README's command, CI's docs job):
+    mkdocs.yml's theme, plugins, handlers and Markdown extensions, every module the API pages
+    render (the docs' griffe extension imports each public one: einmix_jax.eqx needs Equinox) and
+    a signature formatter (mkdocstrings' separate signatures are one clipped line without ruff
+    or black) all come with the docs extra."""
+    docs = _installed_by("docs")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    entry_points = importlib.metadata.entry_points()
+    needed = {
+        f"theme {config['theme']['name']}": {
+            canonicalize_name(e.dist.name)
+            for e in entry_points.select(group="mkdocs.themes", name=config["theme"]["name"])
+        }
+    }
+    for plugin in config["plugins"]:
+        (plugin_name,) = plugin if isinstance(plugin, dict) else [plugin]
+        needed[f"plugin {plugin_name}"] = {
+            canonicalize_name(e.dist.name)
+            for e in entry_points.select(group="mkdocs.plugins", name=plugin_name)
+        }
+        if plugin_name == "mkdocstrings":
+            for handler in plugin[plugin_name]["handlers"]:
+                needed[f"handler {handler}"] = {f"mkdocstrings-{handler}"}
+    for extension in config["markdown_extensions"]:
+        (extension_name,) = extension if isinstance(extension, dict) else [extension]
+        if "." in extension_name:  # a bare name is one of Markdown's own (mkdocs requires it)
+            needed[f"extension {extension_name}"] = _distributions(extension_name.split(".")[0])
+    sources = [*(ROOT / "einmix_jax").glob("*.py"), *(ROOT / "docs" / "_ext").glob("*.py")]
+    for source in sources:
+        for node in _module_level(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "einmix_jax":
+                    needed[f"{top} (imported by {source.relative_to(ROOT)})"] = _distributions(top)
+    needed["a signature formatter"] = {"ruff", "black"}
+    missing = [what for what, dists in needed.items() if not dists & docs]
+    assert not missing, f"the docs extra does not install: {', '.join(missing)}"
