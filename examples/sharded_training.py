@@ -49,11 +49,14 @@ import argparse
 import functools
 import json
 import re
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +439,75 @@ class HostnameUnresolvable(LaunchError):
     """``gethostname()`` does not resolve: gloo, which binds to it, cannot run here."""
 
 
+class Stopped(BaseException):
+    """The launcher got ``signum`` (SIGTERM, SIGINT, SIGHUP); raised so that its cleanup runs.
+
+    A ``BaseException``, as ``KeyboardInterrupt``: no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM, SIGINT and SIGHUP into :class:`Stopped` while the block runs.
+
+    Python runs no ``finally`` when a signal's default action ends the process; ``kill``,
+    ``timeout`` and a cancelled CI job send SIGTERM. Outside the main thread (where Python
+    cannot install handlers) the block runs unchanged: the workers watch their parent anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Hold off SIGTERM, SIGINT and SIGHUP while the workers are being stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def watch_parent(parent: int, interval: float = 0.5) -> None:
+    """End this worker once its launcher ``parent`` is gone, however it ended (SIGKILL too).
+
+    An orphaned worker would otherwise train on alone, or wait for its peers until the heartbeat
+    timeout. A daemon thread polls ``os.getppid()``: an orphan is adopted by another process.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        print(f"worker {os.getpid()}: launcher {parent} is gone, exiting", file=sys.stderr)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -462,19 +534,23 @@ def launch(
     worker_args: Sequence[str],
     timeout: float = 120.0,
     script: Path | None = None,
+    verbose: bool = False,
 ) -> list[tuple[str, str]]:
     """Run ``processes`` local workers of ``script`` (this one) on 127.0.0.1; their (stdout, stderr).
 
     Each worker owns ``8 / processes`` simulated CPU devices. If one fails, the others are killed
-    at once (they would wait for the heartbeat timeout); all are killed, by pid, on any exit. A
-    port picked free can be taken before the coordinator binds it: then the run is retried once.
+    at once (they would wait for the heartbeat timeout); all are killed, by pid, on any exit of
+    the launcher: an error, a timeout, SIGTERM / SIGINT / SIGHUP (raised as :class:`Stopped`
+    after the workers are gone). Each worker also exits by itself once the launcher is gone
+    (SIGKILL). A port picked free can be taken before the coordinator binds it: then the run is
+    retried once. ``verbose`` prints the workers' pids as they start.
     """
     if processes < 1 or DEVICES % processes:
         raise LaunchError(f"--processes must divide {DEVICES}, got {processes}")
     check_hostname()
     for attempt in (1, 2):
         try:
-            return _run_workers(processes, _free_port(), worker_args, timeout, script)
+            return _run_workers(processes, _free_port(), worker_args, timeout, script, verbose)
         except LaunchError as error:
             if attempt == 2 or not _port_taken(str(error)):
                 raise
@@ -482,7 +558,12 @@ def launch(
 
 
 def _run_workers(
-    processes: int, port: int, worker_args: Sequence[str], timeout: float, script: Path | None
+    processes: int,
+    port: int,
+    worker_args: Sequence[str],
+    timeout: float,
+    script: Path | None,
+    verbose: bool,
 ) -> list[tuple[str, str]]:
     flags = re.sub(
         r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
@@ -499,27 +580,29 @@ def _run_workers(
     with tempfile.TemporaryDirectory(prefix="einmix_workers_") as tmp:
         logs = [(Path(tmp) / f"{i}.out", Path(tmp) / f"{i}.err") for i in range(processes)]
         procs: list[subprocess.Popen] = []
-        try:
-            for i, (out, err) in enumerate(logs):
-                command = [sys.executable, str(script or Path(__file__).resolve()), "--worker",
-                           "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
-                           "--process-id", str(i), "--timeout", str(init_timeout), *worker_args]  # fmt: skip
-                with out.open("wb") as stdout, err.open("wb") as stderr:
-                    procs.append(subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env))
-            deadline = time.monotonic() + timeout
-            failed = None
-            while failed is None and time.monotonic() < deadline:
-                codes = [p.poll() for p in procs]
-                failed = next((i for i, c in enumerate(codes) if c not in (None, 0)), None)
-                if all(c == 0 for c in codes):
-                    break
-                time.sleep(0.05)
-        finally:
-            for p in procs:  # the siblings of a failed worker, or all on a timeout / an interrupt
-                if p.poll() is None:
-                    p.kill()
-            for p in procs:
-                p.wait(timeout=30)
+        with stop_on_signals():
+            try:
+                for i, (out, err) in enumerate(logs):
+                    command = [sys.executable, str(script or Path(__file__).resolve()), "--worker",
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                               str(processes), "--process-id", str(i), "--timeout",
+                               str(init_timeout), "--parent-pid", str(os.getpid()),
+                               *worker_args]  # fmt: skip
+                    with out.open("wb") as stdout, err.open("wb") as stderr:
+                        procs.append(
+                            subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
+                        )
+                if verbose:
+                    print(f"workers: pids {', '.join(str(p.pid) for p in procs)} "
+                          f"(coordinator 127.0.0.1:{port})", flush=True)  # fmt: skip
+                failed = _wait_for(procs, timeout)
+            finally:  # the siblings of a failed worker, or all on a timeout / an error / a signal
+                with signals_ignored():
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+                    for p in procs:
+                        p.wait(timeout=30)
         outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     if failed is None and any(p.returncode != 0 for p in procs):
         raise LaunchError(f"workers timed out after {timeout:.0f} s:\n{_tails(outputs)}")
@@ -529,6 +612,18 @@ def _run_workers(
             f"the others were stopped:\n{_tails(outputs)}"
         )
     return outputs
+
+
+def _wait_for(procs: list[subprocess.Popen], timeout: float) -> int | None:
+    """Wait until every worker succeeded, one failed (its index) or ``timeout`` s passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        failed = next((i for i, c in enumerate(codes) if c not in (None, 0)), None)
+        if failed is not None or all(c == 0 for c in codes):
+            return failed
+        time.sleep(0.05)
+    return None
 
 
 def _tails(outputs: list[tuple[str, str]], lines: int = 15) -> str:
@@ -556,6 +651,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-processes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=60, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # the local launcher
     args = parser.parse_args(argv)
     if args.restore and args.checkpoint is None:
         parser.error("--restore needs --checkpoint DIR")
@@ -565,6 +661,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None, verbose: bool = True) -> dict:
     args = parse_args(argv)
     if args.worker:
+        if args.parent_pid is not None:
+            watch_parent(args.parent_pid)
         initialize(args)
         verbose = verbose and jax.process_index() == 0
         results = worker_main(args, verbose)
@@ -581,10 +679,15 @@ def main(argv: Sequence[str] | None = None, verbose: bool = True) -> dict:
             forwarded += ["--result", str(args.result.resolve())]
         start = time.perf_counter()
         try:
-            outputs = launch(args.processes, forwarded)
+            outputs = launch(args.processes, forwarded, verbose=verbose)
         except HostnameUnresolvable as error:
             print(f"skipped: {error}")
             return {"skipped": str(error)}
+        except Stopped as stop:  # the workers are gone: end as the signal would have
+            print(f"{stop}; the workers were stopped", file=sys.stderr, flush=True)
+            signal.signal(stop.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), stop.signum)
+            raise
         wall = time.perf_counter() - start
         if verbose:  # gloo's C++ code prints a line per connection to stdout
             print("".join(line for line in outputs[0][0].splitlines(True)

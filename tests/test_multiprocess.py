@@ -10,8 +10,12 @@ stand-in worker scripts that start no JAX.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import re
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +23,7 @@ import textwrap
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import jax
 import numpy as np
@@ -209,3 +214,79 @@ def test_an_unresolvable_hostname_skips_with_the_reason(monkeypatch, capsys):
     assert "skipped" in example.main(["--processes", "2"])
     printed = capsys.readouterr().out
     assert "skipped: gethostname() = " in printed and "does not resolve" in printed
+
+
+# -- the launcher stopped from outside: its workers must go with it ---------------------------------
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (``'Z'``: a zombie), ``None`` once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid``, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def _running(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")  # an orphan's zombie may wait for a reaper
+
+
+def _read_until(stream: Any, pattern: re.Pattern, seconds: float) -> re.Match | None:
+    """Read the pipe ``stream`` until ``pattern`` matches what came, it closes, or time is up."""
+    text, deadline = b"", time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and select.select([stream], [], [], left)[0]:
+        chunk = os.read(stream.fileno(), 4096)
+        if not chunk:
+            break
+        text += chunk
+        if found := pattern.search(text.decode(errors="replace")):
+            return found
+    return None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_stopped_launcher_ends_its_workers(signum):
+    """As ``kill``, ``timeout``, Ctrl-C or a cancelled CI job stop it, mid-run (SIGKILL too)."""
+    try:
+        example.check_hostname()
+    except example.HostnameUnresolvable as error:
+        pytest.skip(str(error))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(EXAMPLE.parents[1])}
+    command = [sys.executable, str(EXAMPLE), "--processes", "2", "--steps", "1000000",
+               "--no-reference"]  # fmt: skip
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE)
+    pids: list[int] = []
+    try:
+        found = _read_until(launcher.stdout, re.compile(r"workers: pids (\d+), (\d+) "), 60)
+        assert found, "the launcher printed no worker pids"
+        pids = [int(pid) for pid in found.groups()]
+        assert _children(launcher.pid) == sorted(pids)  # the pids printed are its children
+        time.sleep(3)  # the workers import JAX, join and train
+        assert all(_running(pid) for pid in pids)
+        launcher.send_signal(signum)
+        assert launcher.wait(timeout=30) == -signum  # it ends as the signal would end it
+        deadline = time.monotonic() + 15  # the workers watch their parent every 0.5 s
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _running(pid)], f"workers running after {signum!r}"
+    finally:
+        for pid in [launcher.pid, *pids]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        assert launcher.stdout is not None
+        launcher.stdout.close()
