@@ -21,9 +21,9 @@ Three ways to run it:
 
 * ``python examples/sharded_training.py`` -- one process, 8 simulated CPU devices
   (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set below before JAX starts).
-* ``python examples/sharded_training.py --processes N`` (N = 1, 2, 4) -- N local worker processes
-  on 127.0.0.1, each owning ``8/N`` simulated CPU devices, joined by JAX's distributed runtime
-  (gloo CPU collectives) into one global 8-device mesh. ``--checkpoint DIR`` saves the params and
+* ``python examples/sharded_training.py --processes N`` (N = 1, 2, 4 or 8) -- N local worker
+  processes on 127.0.0.1, each owning ``8/N`` simulated CPU devices, joined by JAX's distributed
+  runtime (gloo CPU collectives) into one global 8-device mesh. ``--checkpoint DIR`` saves the params and
   optimizer state with orbax, each process writing its own shards; ``--restore --checkpoint DIR``
   restores them in one process onto other layouts (one device; an (8,) ``'model'`` mesh).
 * ``python examples/sharded_training.py --worker`` on every host of a real cluster (SLURM, TPU
@@ -74,6 +74,7 @@ BATCH, TOKENS, CHANNELS, TOKEN_HIDDEN, CHANNEL_HIDDEN, OUTPUTS = 16, 8, 16, 16, 
 RULES = {"b": "data", "g": "model", "f": "model"}
 MODEL = 4  # devices along the mesh's 'model' axis; the rest go to 'data'
 DEVICES = 8  # simulated CPU devices in all, split over the local processes
+PROCESS_COUNTS = tuple(n for n in range(1, DEVICES + 1) if DEVICES % n == 0)  # 1, 2, 4, 8
 AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 RTOL = 1e-5
 
@@ -596,7 +597,7 @@ def _run_workers(
                     print(f"workers: pids {', '.join(str(p.pid) for p in procs)} "
                           f"(coordinator 127.0.0.1:{port})", flush=True)  # fmt: skip
                 failed = _wait_for(procs, timeout)
-            finally:  # the siblings of a failed worker, or all on a timeout / an error / a signal
+            finally:  # a failed worker's siblings, or all on a timeout / an error / a signal
                 with signals_ignored():
                     for p in procs:
                         if p.poll() is None:
@@ -638,7 +639,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--processes", type=int, help="run N local processes (1, 2 or 4)")
+    counts = f"{', '.join(map(str, PROCESS_COUNTS[:-1]))} or {PROCESS_COUNTS[-1]}"
+    parser.add_argument("--processes", type=int, choices=PROCESS_COUNTS, metavar="N",
+                        help=f"run N local processes of {DEVICES}/N devices each; N = {counts}")  # fmt: skip
     parser.add_argument("--axis-types", nargs="+", choices=sorted(AXIS_TYPES), default=["auto"],
                         help="mesh axis types to train with, in turn (default: auto)")  # fmt: skip
     parser.add_argument("--checkpoint", type=Path, help="save (or, with --restore, load) here")

@@ -206,6 +206,31 @@ def test_processes_must_divide_the_devices():
         example.launch(3, [])
 
 
+@pytest.mark.parametrize(
+    ("count", "message"),
+    [
+        (count, rf"invalid choice: '?{count}'? \(choose from 1, 2, 4, 8\)")
+        for count in (3, 0, -1, 16)
+    ]
+    + [("two", "invalid int value: 'two'")],
+)
+def test_an_invalid_process_count_is_a_usage_error(count, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args(["--processes", str(count)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ")
+    assert re.search(rf"error: argument --processes: {message}", err), err
+
+
+def test_the_help_names_every_valid_process_count(capsys):
+    with pytest.raises(SystemExit):
+        example.parse_args(["--help"])
+    assert "1, 2, 4 or 8" in " ".join(capsys.readouterr().out.split())
+    for count in (1, 2, 4, 8):
+        assert example.parse_args(["--processes", str(count)]).processes == count
+
+
 def test_an_unresolvable_hostname_skips_with_the_reason(monkeypatch, capsys):
     def unresolvable(name: str) -> str:
         raise socket.gaierror(-2, "Name or service not known")
@@ -216,7 +241,7 @@ def test_an_unresolvable_hostname_skips_with_the_reason(monkeypatch, capsys):
     assert "skipped: gethostname() = " in printed and "does not resolve" in printed
 
 
-# -- the launcher stopped from outside: its workers must go with it ---------------------------------
+# -- the launcher stopped from outside: its workers must go with it -------------------------------
 
 
 def _state(pid: int) -> str | None:
