@@ -31,7 +31,7 @@ from ._lower import Lowering, lower
 from ._measure import measuring
 from ._measure import plan as measured_plan
 from ._options import axes_repr, check_options, merge_sizes, options_repr, reject_length
-from ._parse import Plan, normalize_axes, parse
+from ._parse import Plan, check_texts, normalize_axes, parse
 from ._shard import OutSharding, apply_sharded, explicit_mesh_active
 
 Params = dict[str, jax.Array]
@@ -178,6 +178,7 @@ class EinMix:
 
     def __init__(
         self,
+        /,
         plan: str | Plan,
         weight_shape: str | None = None,
         bias_shape: str | None = None,
@@ -194,6 +195,7 @@ class EinMix:
         **axes: Any,  # lengths, checked (Any: a misplaced option is reported, not mistyped)
     ) -> None:
         """Build and validate a layer; ``plan`` is the pattern (or an already parsed ``Plan``)."""
+        check_texts(plan, weight_shape, bias_shape)
         ctx = plan.context() if isinstance(plan, Plan) else f"pattern {plan!r}"
         values = check_options(
             ctx,
@@ -295,6 +297,7 @@ class EinMix:
 
     def init(self, key: jax.Array) -> Params:
         """A fresh params dict: ``{'weight'}``, plus ``'bias'`` when the layer has one."""
+        check_key(key, self.plan.context())
         weight_key, bias_key = jax.random.split(key)
         params = {"weight": self.init_weight(weight_key)}
         if self.plan.bias_sizes is not None:
@@ -317,9 +320,32 @@ class EinMix:
         else:
             key = _Computation.of(self, _lowering(self, weight, bias, x), None)
         params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-        computation, jitted = _COMPILED.get_or_add(key, lambda: (key, jax.jit(key)))
-        computation.use(self.dot_general)  # an equal hook of this call's, for any retrace
+        jitted = _COMPILED.get_or_add(key, lambda: jax.jit(key))
+        jitted.__wrapped__.use(self.dot_general)  # this call's (equal) hook, for any retrace
         return jitted(params, x)
+
+
+def check_key(key: Any, context: str) -> None:
+    """``key``: one ``jax.random.key(seed)``, or one legacy ``jax.random.PRNGKey(seed)``.
+
+    Example:
+        >>> check_key(jax.random.key(0), '')
+        >>> check_key(42, "pattern 'b c -> b d'")
+        Traceback (most recent call last):
+        ...
+        einmix_jax._errors.EinMixError: key must be one jax.random.key, e.g. jax.random.key(42), got 42 (pattern 'b c -> b d')
+    """
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if isinstance(key, (jax.Array, np.ndarray)) and dtype is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+            return
+        if dtype == np.uint32 and shape == (2,):  # a legacy PRNGKey
+            return
+    got = repr(key) if not hasattr(key, "shape") else f"an array of shape {shape} and dtype {dtype}"
+    seed = key if isinstance(key, int) and not isinstance(key, bool) else 0
+    raise EinMixError(
+        f"key must be one jax.random.key, e.g. jax.random.key({seed}), got {got} ({context})"
+    )
 
 
 def _checked(value: Any, layer: EinMix, name: str) -> jax.Array:
@@ -618,8 +644,8 @@ def _ref(hook: DotGeneral | None) -> Callable[[], DotGeneral | None]:
         return lambda: hook
 
 
-#: each :class:`_Computation` applied and its ``jax.jit`` function (see :data:`COMPILED_APPLIES`)
-_COMPILED: LRU[tuple[_Computation, Any]] = LRU(COMPILED_APPLIES)
+#: the ``jax.jit`` function of each :class:`_Computation` applied (see :data:`COMPILED_APPLIES`)
+_COMPILED: LRU[Any] = LRU(COMPILED_APPLIES)
 
 
 def _private_copy(fn: Callable) -> Callable:

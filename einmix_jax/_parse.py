@@ -180,17 +180,39 @@ def parse(
         >>> parse('b c -> b d', None, 'd', (('c', 3), ('d', 4))).weight_shape
         'c d'
     """
-    if bias_shape is not None and not isinstance(bias_shape, str):
-        raise EinMixError(
-            f"bias_shape must be a string naming the bias axes (e.g. 'd') or None, got "
-            f"{bias_shape!r} ({describe_call(str(pattern), weight_shape, None)})"
-        )
+    check_texts(pattern, weight_shape, bias_shape)
+    return _parse_cached(pattern, weight_shape, bias_shape, axes)
+
+
+def check_texts(pattern: object, weight_shape: object, bias_shape: object) -> None:
+    """The pattern is a string (or a parsed ``Plan``), ``weight_shape`` and ``bias_shape`` strings
+    or None: every form checks this first, before anything hashes or parses them.
+
+    Example:
+        >>> check_texts(['b c -> b d'], None, None)
+        Traceback (most recent call last):
+        ...
+        einmix_jax._errors.EinMixError: pattern must be a string like 'b c -> b d', got ['b c -> b d']
+    """
+    if not isinstance(pattern, (str, Plan)):
+        raise EinMixError(f"pattern must be a string like 'b c -> b d', got {pattern!r}")
+    text = pattern if isinstance(pattern, str) else pattern.pattern
+    for name, value in (("weight_shape", weight_shape), ("bias_shape", bias_shape)):
+        if isinstance(value, int) and not isinstance(value, bool):  # a length for such an axis
+            raise EinMixError(
+                f"{name}={value!r} is not a valid {name} option: to give the length of an axis "
+                f"named {name!r}, pass sizes={{{name!r}: {value!r}}} (pattern {text!r})"
+            )
     if weight_shape is not None and not isinstance(weight_shape, str):
         raise EinMixError(
             f"weight_shape must be a string naming the weight axes (e.g. 'c d') or None, got "
-            f"{weight_shape!r} (pattern {pattern!r})"
+            f"{weight_shape!r} (pattern {text!r})"
         )
-    return _parse_cached(pattern, weight_shape, bias_shape, axes)
+    if bias_shape is not None and not isinstance(bias_shape, str):
+        raise EinMixError(
+            f"bias_shape must be a string naming the bias axes (e.g. 'd') or None, got "
+            f"{bias_shape!r} ({describe_call(text, weight_shape, None)})"
+        )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -263,7 +285,9 @@ def _parse_cached(
     if bias_shape is not None:
         bias = _parse_expression(bias_shape, "bias_shape")
         if (
-            bias.has_ellipsis
+            "(" in bias_shape
+            or ")" in bias_shape
+            or bias.has_ellipsis
             or bias.has_non_unitary_anonymous_axes
             or any(len(g) != 1 for g in bias.composition)
         ):

@@ -9,6 +9,7 @@ functional params dict.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,7 +51,7 @@ class EinMix(eqx.Module):
         >>> import equinox as eqx
         >>> layer = em.eqx.EinMix('b t c -> b t d', 'c d', 'd', c=4, d=3, key=jax.random.key(0))
         >>> layer
-        EinMix('b t c -> b t d', 'c d', 'd', c=4, d=3)
+        eqx.EinMix('b t c -> b t d', 'c d', 'd', c=4, d=3, weight=f32[4,3], bias=f32[3])
         >>> layer.weight.shape, layer.bias.shape
         ((4, 3), (3,))
         >>> eqx.filter_jit(layer)(jnp.ones((2, 5, 4))).shape
@@ -65,6 +66,7 @@ class EinMix(eqx.Module):
     def __init__(
         self,
         pattern: str,
+        /,
         weight_shape: str | None = None,
         bias_shape: str | None = None,
         *,
@@ -79,7 +81,12 @@ class EinMix(eqx.Module):
         sizes: Mapping[str, int] | None = None,
         **axes: int,
     ) -> None:
-        reject_length("key", key, f"pattern {pattern!r}")
+        if (
+            isinstance(key, int)
+            and isinstance(pattern, str)
+            and "key" in re.findall(r"\w+", pattern)
+        ):
+            reject_length("key", key, f"pattern {pattern!r}")  # meant for the axis named 'key'
         self.functional = _core.layer(
             pattern,
             weight_shape,
@@ -94,12 +101,19 @@ class EinMix(eqx.Module):
             dot_general=dot_general,
             **axes,
         )
+        _core.check_key(key, self.functional.plan.context())
         params = self.functional.init(key)
         self.weight = params["weight"]
         self.bias = params.get("bias")
 
     def __repr__(self) -> str:
-        return repr(self.functional)
+        """The layer's arguments and its arrays, as Equinox prints them (``weight=f32[4,3]``)."""
+        arrays = ", ".join(
+            f"{name}={eqx.tree_pformat(value)}"
+            for name, value in (("weight", self.weight), ("bias", self.bias))
+            if value is not None
+        )
+        return f"eqx.{repr(self.functional)[:-1]}, {arrays})"
 
     @property
     def params(self) -> _core.Params:

@@ -10,7 +10,8 @@ the core. ``variables['params']`` is therefore exactly the functional params dic
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -24,10 +25,16 @@ from . import _core
 from ._errors import EinMixError, describe_call
 from ._init import Initializer
 from ._options import check_hook_class, check_options, merge_sizes, options_repr, reject_length
-from ._parse import ELLIPSIS, infer_weight_shape, normalize_axes, param_sizes_from_input
+from ._parse import (
+    ELLIPSIS,
+    check_texts,
+    infer_weight_shape,
+    normalize_axes,
+    param_sizes_from_input,
+)
 from ._shard import param_axes
 
-__all__ = ["EinMix", "from_einops"]
+__all__ = ["EinMix", "from_einops", "from_flax"]
 
 
 class EinMix(nn.Module):
@@ -100,6 +107,7 @@ class EinMix(nn.Module):
     dot_general_cls: Any = None
 
     def __post_init__(self) -> None:
+        check_texts(self.pattern, self.weight_shape, self.bias_shape)
         context = describe_call(self.pattern, self.weight_shape, self.bias_shape)
         normalize_axes(merge_sizes(self.sizes, {}, context), context)
         check_options(
@@ -216,6 +224,29 @@ class EinMix(nn.Module):
         return _core.apply_traced(layer, params, x)
 
 
+def _refuse_lengths(init: Callable[..., None]) -> Callable[..., None]:
+    """Flax's generated ``__init__``, with keywords that are no field read as axis lengths meant
+    for ``sizes`` (``EinMix(..., d=4)``), an EinMixError that says so instead of a TypeError."""
+    fields = {f.name for f in dataclasses.fields(EinMix)}
+
+    @functools.wraps(init)
+    def __init__(self: EinMix, *args: Any, **kwargs: Any) -> None:
+        lengths = {k: v for k, v in kwargs.items() if k not in fields}
+        if lengths:
+            pattern = args[0] if args else kwargs.get("pattern")
+            raise EinMixError(
+                f"EinMix takes axis lengths in sizes, as einops' Flax layer does: pass "
+                f"sizes={lengths!r}, not {', '.join(f'{k}={v!r}' for k, v in lengths.items())} "
+                f"(pattern {pattern!r})"
+            )
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+EinMix.__init__ = _refuse_lengths(EinMix.__init__)  # type: ignore[method-assign]
+
+
 def _param_shape(value: Any) -> tuple[int, ...]:
     """A stored param's shape; also a quantized container's (anything with a ``shape``)."""
     shape = getattr(value, "shape", None)
@@ -255,8 +286,12 @@ def _options_repr(module: Any) -> list[str]:
     return options_repr(options)
 
 
-def from_einops(variables: Mapping[str, Any], layer: Any) -> dict[str, Any]:
+def from_einops(variables: Mapping[str, Any], layer: Any, x: Any = None) -> dict[str, Any]:
     """Convert variables saved from ``einops.layers.flax.EinMix`` into this module's variables.
+
+    With ``x`` (an input, or its ``jax.ShapeDtypeStruct``), ``layer`` is a whole model: every
+    einops EinMix in it is found by tracing ``layer.init`` on ``x`` (nothing is computed) and its
+    subtree converted; everything else passes through.
 
     einops stores the bias broadcast against the output (e.g. ``(1, 1, d)`` for
     ``'b t c -> b t d'``) in output order; here it is stored as ``bias_shape`` declares. The weight
@@ -273,8 +308,19 @@ def from_einops(variables: Mapping[str, Any], layer: Any) -> dict[str, Any]:
         >>> jax.tree.map(np.shape, from_einops(saved, layer))
         {'params': {'bias': (3,), 'weight': (4, 3)}}
     """
+    return _from_einops(variables, layer, x)
+
+
+def _from_einops(variables: Mapping[str, Any], layer: Any, x: Any) -> dict[str, Any]:
     if "params" not in variables:
-        return from_einops({"params": variables}, layer)["params"]
+        return _from_einops({"params": variables}, layer, x)["params"]
+    if x is not None:
+        from einops.layers.flax import EinMix as EinopsEinMix
+
+        params = variables["params"]
+        for path, found in _modules(layer, x, EinopsEinMix):
+            params = _at(params, path, lambda p, found=found: _from_einops(p, found, None))
+        return {**variables, "params": params}
     sizes = getattr(layer, "sizes", None) or {}
     core = _core.layer(layer.pattern, layer.weight_shape, layer.bias_shape, sizes=dict(sizes))
     plan = core.plan
@@ -294,6 +340,57 @@ def from_einops(variables: Mapping[str, Any], layer: Any) -> dict[str, Any]:
     if plan.bias_axes is not None:
         params["bias"] = _bias_from_einops(params["bias"], plan)
     return {**variables, "params": params}
+
+
+def from_flax(variables: Mapping[str, Any], model: nn.Module, x: Any) -> dict[str, Any]:
+    """A model's variables with every ``nn.Dense`` / ``nn.DenseGeneral`` kernel named ``weight``.
+
+    Flax's kernel is the EinMix weight stored in the same axis order (``'c d'`` for
+    ``'... c -> ... d'``; ``DenseGeneral``'s contracted axes, then its features), so a model whose
+    Flax layers become EinMix layers of the same names keeps its params. The layers are found by
+    tracing ``model.init`` on ``x`` (nothing is computed).
+
+    Example:
+        >>> class Model(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         return nn.Dense(3, name='out')(x)
+        >>> x = jnp.ones((2, 4))
+        >>> jax.tree.map(jnp.shape, from_flax(Model().init(jax.random.key(0), x), Model(), x))
+        {'params': {'out': {'bias': (3,), 'weight': (4, 3)}}}
+    """
+    if "params" not in variables:
+        return from_flax({"params": variables}, model, x)["params"]
+
+    def rename(p: Mapping[str, Any]) -> dict[str, Any]:
+        return {("weight" if k == "kernel" else k): v for k, v in p.items()}
+
+    params = variables["params"]
+    for path, _ in _modules(model, x, (nn.Dense, nn.DenseGeneral)):
+        params = _at(params, path, rename)
+    return {**variables, "params": params}
+
+
+def _modules(model: nn.Module, x: Any, kind: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """The path and module of every ``kind`` module that ``model`` calls on ``x``."""
+    found: dict[tuple[str, ...], Any] = {}
+
+    def record(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+        module = context.module
+        if isinstance(module, kind) and context.method_name == "__call__":
+            found[tuple(module.path)] = module
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), x)
+    return list(found.items())
+
+
+def _at(tree: Mapping[str, Any], path: tuple[str, ...], f: Callable[[Any], Any]) -> dict:
+    """``tree`` with ``f`` applied to the subtree at ``path``."""
+    if not path:
+        return f(tree)
+    return {**tree, path[0]: _at(tree[path[0]], path[1:], f)}
 
 
 def _bias_from_einops(bias: ArrayLike, plan: Any) -> Any:

@@ -28,7 +28,14 @@ from .linen import _logical_option
 __all__ = ["EinMix"]
 
 
-class EinMix(nnx.Module):
+class _Meta(type(nnx.Module)):  # type: ignore[misc]
+    """NNX's metaclass, taking any keyword: an axis may be named ``self``."""
+
+    def _pytree_meta_construct(cls, node: Any, /, *args: Any, **kwargs: Any) -> None:
+        node.__init__(*args, **kwargs)
+
+
+class EinMix(nnx.Module, metaclass=_Meta):
     """EinMix as a Flax NNX module: ``weight`` and ``bias`` are its only ``nnx.Param``s.
 
     Args:

@@ -95,8 +95,10 @@ def test_torch_porting_guide_matches_einops_torch_layer(monkeypatch):
 
     def recording(variables, layer):
         converted = convert(variables, layer)
-        if "params" in variables:  # a bare params dict comes back here wrapped in {'params': ...}
+        if "params" in variables:
             conversions.append((variables["params"], layer, converted["params"]))
+        else:  # a bare params dict
+            conversions.append((variables, layer, converted))
         return converted
 
     monkeypatch.setattr(em.linen, "from_einops", recording)

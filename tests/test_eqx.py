@@ -52,8 +52,9 @@ def test_no_bias_is_none_and_options_are_static():
     assert layer.bias is None
     assert layer.weight.dtype == jnp.bfloat16
     assert jax.tree.leaves(layer) == [layer.weight]
-    assert repr(layer) == repr(layer.functional)  # pastes back, less the key
-    assert repr(layer).startswith("EinMix('b c -> b d', 'c d', c=4, d=3")
+    # the functional layer's arguments (less the key), then the arrays, as Equinox prints them
+    assert repr(layer) == f"eqx.{repr(layer.functional)[:-1]}, weight=bf16[4,3])"
+    assert repr(layer).startswith("eqx.EinMix('b c -> b d', 'c d', c=4, d=3")
 
 
 def test_params_round_trip_and_checked():
