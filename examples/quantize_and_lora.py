@@ -4,8 +4,11 @@ The model is the one of ``mlp_mixer_digits.py``, whose every linear layer -- pat
 token mixing, channel mixing, head -- is an ``einmix_jax.linen.EinMix``. qwix intercepts the
 contraction while a Flax module is traced, so it treats these layers exactly as ``nn.Dense``:
 
-1. **Float model**: restored from ``mlp_mixer_digits.py``'s checkpoint when ``--checkpoint`` names
-   one, else trained here first (the same script, same seed).
+1. **Float model**: restored from ``--checkpoint`` if it was trained with these settings (seed,
+   epochs, depth, subset and the Mixer example's defaults; ``PATH.json`` beside the checkpoint
+   names them), else trained first by ``mlp_mixer_digits.py`` and written to ``--checkpoint``
+   with its settings. A model trained with another seed is never restored: another seed's test
+   images are among its training images.
 2. **PTQ to int8** (``qwix.PtqProvider`` + ``qwix.quantize_params``): every EinMix weight stored as
    int8 with per-channel scales, activations quantized to int8 on the fly. Test accuracy float vs
    int8, and the params' bytes before and after.
@@ -21,6 +24,8 @@ float model included).
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,26 +45,75 @@ def nbytes(tree: Any) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
-def float_params(args: argparse.Namespace) -> Any:
-    """The float model's params: restored from ``--checkpoint``, else trained by the sibling."""
+def training_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of ``mlp_mixer_digits.py`` that train this run's float model."""
+    flags = ["--epochs", str(args.epochs), "--seed", str(args.seed), "--depth", str(args.depth)]
+    return flags + (["--subset", str(args.subset)] if args.subset is not None else [])
+
+
+def float_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every setting the float model depends on: the Mixer example's flags, its defaults included."""
+    settings = vars(mixer.parse_args(training_flags(args)))
+    return {k: v for k, v in sorted(settings.items()) if k not in ("out", "no_progress")}
+
+
+def settings_path(checkpoint: Path) -> Path:
+    """The JSON beside ``checkpoint`` that names the settings it was trained with."""
+    return checkpoint.with_name(checkpoint.name + ".json")
+
+
+def stored_settings(checkpoint: Path) -> dict[str, Any] | None:
+    """The settings stored beside ``checkpoint``; ``None`` if there are none (or no checkpoint)."""
+    path = settings_path(checkpoint)
+    if not checkpoint.is_dir() or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def float_params(args: argparse.Namespace) -> tuple[Any, bool]:
+    """The float model's params, and whether they were restored from ``--checkpoint``.
+
+    Restored only if the settings stored beside the checkpoint are this run's; else trained by
+    the sibling example (under ``--out``/float) and written to ``--checkpoint`` with its settings.
+    """
     import orbax.checkpoint as ocp
 
-    checkpoint = args.checkpoint
-    if checkpoint is None or not checkpoint.exists():
+    checkpoint: Path = args.checkpoint
+    settings, stored = float_settings(args), stored_settings(checkpoint)
+    restored = stored == settings
+    if restored:
+        what = ", ".join(f"{k}={settings[k]}" for k in ("seed", "epochs", "depth", "subset"))
+        print(f"float model: restored {checkpoint} (trained with the same settings: {what})")
+    else:
+        if stored is not None:
+            differ = [k for k in sorted({*settings, *stored}) if settings.get(k) != stored.get(k)]
+            was = ", ".join(f"{k}={stored.get(k)}" for k in differ)
+            now = ", ".join(f"{k}={settings.get(k)}" for k in differ)
+            why = f"{checkpoint} was trained with {was}, this run has {now}"
+        elif checkpoint.exists():
+            why = f"{checkpoint} has no {settings_path(checkpoint).name} naming its settings"
+        else:
+            why = f"no checkpoint at {checkpoint}"
+        if checkpoint.exists() and not (checkpoint / "_CHECKPOINT_METADATA").is_file():
+            raise SystemExit(f"--checkpoint {checkpoint} is there and is no orbax checkpoint: "
+                             "not overwriting it")  # fmt: skip
+        print(f"float model: {why}; training it and writing it there")
+        settings_path(checkpoint).unlink(missing_ok=True)
         out = args.out / "float"
-        flags = ["--epochs", str(args.epochs), "--seed", str(args.seed), "--out", str(out)]
-        flags += ["--depth", str(args.depth)] + (
-            ["--subset", str(args.subset)] if args.subset else []
-        )
-        flags += ["--no-progress"] if args.no_progress else []
-        checkpoint = mixer.main(flags)["checkpoint"]
+        flags = [*training_flags(args), "--out", str(out)]
+        trained = mixer.main(flags + (["--no-progress"] if args.no_progress else []))["checkpoint"]
+        if trained.resolve() != checkpoint.resolve():  # one copy, where --checkpoint says
+            if checkpoint.exists():
+                shutil.rmtree(checkpoint)
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(trained, checkpoint)
+        settings_path(checkpoint).write_text(json.dumps(settings, indent=1) + "\n")
     x_train = mixer.load_data(args.seed, args.subset)[0]
     model = mixer.Mixer(depth=args.depth)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(x_train[:1]))["params"]
-    checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(checkpoint.resolve(), abstract)
-    checkpointer.close()
-    return params
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(checkpoint.resolve(), abstract)
+    return params, restored
 
 
 def accuracy(model: Any, params: Any, images: jax.Array, labels: jax.Array) -> float:
@@ -96,14 +150,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        default=Path("runs/mlp_mixer_digits/checkpoint"),
-        help="float checkpoint of mlp_mixer_digits.py; trained first if it is missing "
-        "(default runs/mlp_mixer_digits/checkpoint)",
+        default=None,
+        metavar="PATH",
+        help="the float model's orbax checkpoint: restored if PATH.json beside it names this "
+        "run's settings, else trained and written here (default OUT/float/checkpoint)",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/quantize_and_lora"), help="folder for the run"
+        "--out",
+        type=Path,
+        default=Path("runs/quantize_and_lora"),
+        help="folder for the run (default runs/quantize_and_lora)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split, the float model and LoRA (default 0)",
+    )
     parser.add_argument("--epochs", type=int, default=60, help="float training epochs (60)")
     parser.add_argument("--depth", type=int, default=3, help="Mixer blocks (default 3)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
@@ -111,7 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-lr", type=float, default=1e-2, help="LoRA learning rate (1e-2)")
     parser.add_argument("--subset", type=int, default=None, help="a quick smoke run's size")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.checkpoint is None:
+        args.checkpoint = args.out / "float" / "checkpoint"
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -120,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     start = time.perf_counter()
-    params = float_params(args)
+    params, restored = float_params(args)
     x_train, y_train, x_test, y_test = map(jnp.asarray, mixer.load_data(args.seed, args.subset))
     model = mixer.Mixer(depth=args.depth)
     float_acc = accuracy(model, params, x_test, y_test)
@@ -182,6 +248,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - start
     print(f"wall time {wall:.1f} s")
     return {
+        "checkpoint": args.checkpoint,
+        "restored": restored,
+        "float_params": params,
         "float_accuracy": float_acc,
         "int8_accuracy": int8_acc,
         "float_bytes": float_bytes,

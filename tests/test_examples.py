@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import jax
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -101,7 +104,10 @@ def test_quantize_and_lora_quantizes_every_einmix_weight_and_trains_only_lora(tm
     assert jax.tree.structure(checkpoint) == jax.tree.structure(params)
     flags = ["--checkpoint", str(tmp_path / "float"), "--out", str(tmp_path / "run")]
     flags += ["--subset", "128", "--depth", "1", "--lora-epochs", "2"]
+    settings = example.float_settings(example.parse_args(flags))  # as if trained with these flags
+    (tmp_path / "float.json").write_text(json.dumps(settings))
     result = example.main([*flags, "--no-progress"])
+    assert result["restored"]
     stored = [
         leaf
         for leaf in jax.tree.leaves(result["int8_params"], is_leaf=lambda v: hasattr(v, "qvalue"))
@@ -116,3 +122,59 @@ def test_quantize_and_lora_quantizes_every_einmix_weight_and_trains_only_lora(tm
         assert 0.0 <= result[name] <= 1.0
     printed = capsys.readouterr().out
     assert "int8 (PTQ):" in printed and "LoRA on inverted digits" in printed
+
+
+QUICK = ["--epochs", "1", "--subset", "64", "--depth", "1", "--lora-epochs", "0", "--no-progress"]
+TRAINED = re.compile(r"^digits: 64 train / 64 test images", re.M)  # mlp_mixer_digits.py trains
+
+
+def test_quantize_and_lora_restores_only_a_float_model_of_its_own_settings(tmp_path, capsys):
+    """A float model trained with seed 0 is not seed 1's: seed 1's test split overlaps seed 0's
+    training images, so its scores would be inflated."""
+    pytest.importorskip("qwix")
+    example = load("quantize_and_lora")
+    checkpoint = tmp_path / "run" / "float" / "checkpoint"
+    flags = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "run"), *QUICK]
+    example.main([*flags, "--seed", "0"])
+    assert TRAINED.search(capsys.readouterr().out)  # nothing to restore: trained first
+    seed1 = example.main([*flags, "--seed", "1"])
+    printed = capsys.readouterr().out
+    assert TRAINED.search(printed), "seed 1 restored the float model trained with seed 0"
+    assert "seed=0" in printed and "seed=1" in printed  # it says why it trains anew
+    assert not seed1["restored"]
+    again = example.main([*flags, "--seed", "1"])  # the float model is seed 1's now
+    printed = capsys.readouterr().out
+    assert again["restored"] and not TRAINED.search(printed)
+    assert f"float model: restored {checkpoint}" in printed
+    assert again["float_accuracy"] == seed1["float_accuracy"]
+    assert again["int8_accuracy"] == seed1["int8_accuracy"]
+
+
+def test_quantize_and_lora_writes_the_float_model_to_its_checkpoint_flag(tmp_path, capsys):
+    pytest.importorskip("qwix")
+    import orbax.checkpoint as ocp
+
+    example = load("quantize_and_lora")
+    checkpoint = tmp_path / "models" / "float"  # outside --out
+    flags = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "run"), *QUICK]
+    trained = example.main(flags)
+    assert not trained["restored"] and trained["checkpoint"] == checkpoint
+    with ocp.StandardCheckpointer() as checkpointer:  # a whole float model, where it was told
+        params = checkpointer.restore(checkpoint.resolve())
+    assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(trained["float_params"]))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained["float_params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not (tmp_path / "run" / "float" / "checkpoint").exists()  # one copy, not two
+    capsys.readouterr()
+    restored = example.main(flags)
+    assert restored["restored"] and f"restored {checkpoint}" in capsys.readouterr().out
+
+
+def test_quantize_and_lora_overwrites_no_folder_that_is_not_a_checkpoint(tmp_path):
+    pytest.importorskip("qwix")
+    example = load("quantize_and_lora")
+    folder = tmp_path / "mine"
+    (folder / "notes").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="is no orbax checkpoint: not overwriting it"):
+        example.main(["--checkpoint", str(folder), "--out", str(tmp_path / "run"), *QUICK])
+    assert (folder / "notes").is_dir()
