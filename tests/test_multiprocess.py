@@ -284,13 +284,14 @@ def _read_until(stream: Any, pattern: re.Pattern, seconds: float) -> re.Match | 
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_a_stopped_launcher_ends_its_workers(signum):
+def test_a_stopped_launcher_ends_its_workers(signum, tmp_path):
     """As ``kill``, ``timeout``, Ctrl-C or a cancelled CI job stop it, mid-run (SIGKILL too)."""
     try:
         example.check_hostname()
     except example.HostnameUnresolvable as error:
         pytest.skip(str(error))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(EXAMPLE.parents[1])}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(EXAMPLE.parents[1]),
+           "TMPDIR": str(tmp_path)}  # a killed launcher leaves its log folder there  # fmt: skip
     command = [sys.executable, str(EXAMPLE), "--processes", "2", "--steps", "1000000",
                "--no-reference"]  # fmt: skip
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE)
@@ -308,6 +309,8 @@ def test_a_stopped_launcher_ends_its_workers(signum):
         while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [pid for pid in pids if _running(pid)], f"workers running after {signum!r}"
+        if signum != signal.SIGKILL:  # the launcher's own cleanup ran
+            assert not list(tmp_path.glob("einmix_workers_*"))
     finally:
         for pid in [launcher.pid, *pids]:
             with contextlib.suppress(ProcessLookupError):
