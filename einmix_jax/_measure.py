@@ -3,14 +3,18 @@
 The cost model of ``_lower`` predicts; on a given machine and XLA version it can be wrong by tens
 of percent where candidates are close, and by more on layouts its terms do not see. Inside
 :func:`measured_planning`, the functional ``apply`` and the Equinox layer instead compile the
-cheapest candidate of each kind (x first, weight first, broadcast weight, loop, block-diagonal)
-and the next cheapest up to ``top`` for the input's shape and dtype, time their forward and
-forward+backward passes on random values (interleaved, ``ROUNDS`` rounds, medians), and take the
-one with the lowest measured regret (the larger of its forward time over the fastest one's and
-the same for forward+backward; a loop must win by ``LOOP_MARGIN``), exactly the rule the cost
+cheapest candidate of each kind (x first, weight first, broadcast weight, loop, block-diagonal) and
+the next cheapest up to ``top`` for the input's shape and dtype, time their forward and
+forward+backward passes on random values drawn on the device (interleaved, ``ROUNDS`` rounds,
+medians; nothing moves from the host, so it runs under ``jax.transfer_guard("disallow")``), and
+take the one with the lowest measured regret (the larger of its forward time over the fastest one's
+and the same for forward+backward; a loop must win by ``LOOP_MARGIN``), exactly the rule the cost
 model applies to its predictions. The decision is kept per configuration (plan, shape, dtype,
 options, backend) for the life of the process (at most ``DECISIONS`` of them, least recently used
-dropped first), so each is measured once.
+dropped first), so each is measured once. No lock is held while measuring: a ``dot_general`` hook
+may apply other layers, threads planning different configurations measure at the same time (sharing
+the machine's cores, so each one's timings are noisier), and callers of one configuration wait for
+its one measurement.
 
 It costs compile and timing time once per configuration (two compiles per candidate timed, a few
 hundred milliseconds); the choice happens while the caller traces, so under ``jax.jit`` the
@@ -116,8 +120,8 @@ def plan(
         ranked = shortlist(choices, top)
         if len(ranked) == 1:
             return ranked[0].label
-        with jax.ensure_compile_time_eval():  # concrete, also while the caller traces
-            return _fastest(plan, x_shape, dtype, weight_dtype, has_bias, ranked, execute)
+        # every array it makes comes from a compiled call: concrete, also while the caller traces
+        return _fastest(plan, x_shape, dtype, weight_dtype, has_bias, ranked, execute)
 
     label = _DECISIONS.get_or_add(key, measure)
     return build(plan, x_shape, next(c for c in choices if c.label == label))
@@ -148,6 +152,24 @@ def shortlist(choices: list[Choice], top: int) -> list[Choice]:
     return [c for c in ranked if id(c) in picked]
 
 
+def _normal(specs: list[tuple[tuple[int, ...], Any]]) -> list[jax.Array]:
+    """Standard normal values of these (shape, dtype), drawn on the device.
+
+    Drawn by one compiled call with no arguments: concrete while the caller traces, and nothing
+    moves from the host, so the timing works under the caller's ``jax.transfer_guard("disallow")``
+    as the caller's own call does.
+    """
+
+    def draw() -> list[jax.Array]:
+        keys = jax.random.split(jax.random.key(0), len(specs))
+        return [
+            jax.random.normal(k, shape, jnp.float32).astype(dt)
+            for k, (shape, dt) in zip(keys, specs, strict=True)
+        ]
+
+    return jax.jit(draw).lower().compile()()
+
+
 def _timed(f: Callable[..., Any], args: tuple, reps: int) -> float:
     start = time.perf_counter()
     for _ in range(reps):
@@ -166,16 +188,12 @@ def _fastest(
     execute: Execute,
 ) -> str:
     """Time the ranked candidates' forward and forward+backward; the label of the best."""
-    rng = np.random.default_rng(0)
-
-    def normal(shape: tuple[int, ...], dt: Any) -> jax.Array:
-        return jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dt)
-
-    w = normal(plan.weight_sizes, weight_dtype)
-    b = normal(plan.bias_sizes, weight_dtype) if has_bias and plan.bias_sizes else None
-    x = normal(x_shape, dtype)
     lowerings = [build(plan, x_shape, c) for c in ranked]
-    ct = normal(lowerings[0].out_shape, dtype)
+    specs = [(plan.weight_sizes, weight_dtype), (x_shape, dtype), (lowerings[0].out_shape, dtype)]
+    if has_bias and plan.bias_sizes:
+        specs.append((plan.bias_sizes, weight_dtype))
+    w, x, ct, *bias = _normal(specs)
+    b = bias[0] if bias else None
     fns = []
     for low in lowerings:
 
