@@ -161,7 +161,7 @@ def test_apply_eagerly_equals_jit():
     case = CASES["multi-head"]
     params, apply = case.init(jax.random.key(1))
     x = _normal(case.x_shape)
-    chex.assert_trees_all_close(apply(params, x), jax.jit(apply)(params, x), rtol=1e-6)
+    chex.assert_trees_all_close(apply(params, x), jax.jit(apply)(params, x), rtol=1e-6, atol=1e-6)
 
 
 # --- transforms ---------------------------------------------------------------------------
@@ -186,7 +186,9 @@ def test_ensemble_vmap_over_stacked_params():
     ys = jax.jit(jax.vmap(apply, in_axes=(0, None)))(stacked, x)
     for i, key in enumerate(keys):
         member = apply.init(key)
-        chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], stacked), member)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda a, i=i: a[i], stacked), member, rtol=1e-6, atol=1e-6
+        )
         np.testing.assert_allclose(ys[i], case.reference(member, x), rtol=1e-5, atol=1e-5)
     # a different member per input as well
     xs = _normal((4, *case.x_shape), seed=1)

@@ -97,7 +97,7 @@ def test_filter_grad_and_value_and_grad_match_the_functional_gradient():
     )(layer.params)
     chex.assert_trees_all_close(grads.params, expected, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(grads2.params, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6)
 
 
 def test_filter_vmap_ensemble_over_keys_and_over_the_batch():

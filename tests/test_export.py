@@ -74,7 +74,7 @@ def test_functional_export(name: str):
     _check(exported, lambda x: (params, x), case, params, shapes)
     for shape in shapes:  # and equal to apply itself
         x = jnp.ones(shape)
-        np.testing.assert_allclose(exported.call(params, x), apply(params, x), rtol=1e-6)
+        np.testing.assert_allclose(exported.call(params, x), apply(params, x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -92,13 +92,17 @@ def test_vmap_of_init_equals_init_key_by_key(make_keys):
     chex.assert_shape(stacked["bias"], (3, 4, 2))
     for i, key in enumerate(keys):
         one, _ = em.init("b (h c) -> b (h d)", key, **config)
-        chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], stacked), one, rtol=0)
+        # the batched draw is another program than the one-key draw: equal up to float rounding
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda a, i=i: a[i], stacked), one, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_init_under_jit_equals_eager():
     mix = em.layer("b c -> b d", bias_shape="d", c=3, d=4)
     key = jax.random.key(0)
-    chex.assert_trees_all_close(jax.jit(mix.init)(key), mix.init(key), rtol=0)
+    # one compiled program against the eager ops: equal up to float rounding
+    chex.assert_trees_all_close(jax.jit(mix.init)(key), mix.init(key), rtol=1e-6, atol=1e-6)
 
 
 def test_init_weight_and_init_bias():

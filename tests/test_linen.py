@@ -146,7 +146,10 @@ def test_hashable_cloneable_static():
     x = jnp.ones((2, 4))
     variables = layer.init(jax.random.key(0), x)
     apply = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
-    np.testing.assert_array_equal(apply(layer, variables, x), layer.apply(variables, x))
+    # one compiled program against the eager ops: equal up to float rounding
+    np.testing.assert_allclose(
+        apply(layer, variables, x), layer.apply(variables, x), rtol=1e-6, atol=1e-6
+    )
 
 
 class _CompactMLP(nn.Module):
@@ -181,8 +184,13 @@ def test_compact_and_setup_parents(parent):
     core2 = em.layer(
         "b t (h c) -> b t (h d)", weight_shape="h c d", bias_shape="h d", h=2, c=3, d=2
     )
-    np.testing.assert_array_equal(
-        parent().apply(variables, x), core2(second, jax.nn.relu(core1(first, x)))
+    # linen runs the weight as stored, the core its planner's lowering (the 'h c d' weight packed
+    # block-diagonally): two programs, equal up to float rounding
+    np.testing.assert_allclose(
+        parent().apply(variables, x),
+        core2(second, jax.nn.relu(core1(first, x))),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -301,7 +309,9 @@ def test_dot_general_injection():
     plain = EinMix("b c -> b d", "c d", sizes={"d": 3})
     hooked = plain.clone(dot_general=doubled)
     variables = plain.init(jax.random.key(0), x)
-    np.testing.assert_allclose(hooked.apply(variables, x), 2 * plain.apply(variables, x), rtol=1e-6)
+    np.testing.assert_allclose(
+        hooked.apply(variables, x), 2 * plain.apply(variables, x), rtol=1e-6, atol=1e-6
+    )
     assert calls  # the core's one contraction went through the hook
 
 
@@ -487,7 +497,10 @@ def test_logical_axes_keep_the_module_hashable():
     x = jnp.ones((2, 4))
     variables = layer.init(jax.random.key(0), x)
     apply = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
-    np.testing.assert_array_equal(apply(layer, variables, x), layer.apply(variables, x))
+    # one compiled program against the eager ops: equal up to float rounding
+    np.testing.assert_allclose(
+        apply(layer, variables, x), layer.apply(variables, x), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_logical_axes_errors_name_the_argument():

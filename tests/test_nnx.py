@@ -280,7 +280,7 @@ def test_dot_general_and_dtype_options():
     plain = EinMix("b c -> b d", c=4, d=3, rngs=nnx.Rngs(0))
     hooked = EinMix("b c -> b d", c=4, d=3, dot_general=doubled, rngs=nnx.Rngs(0))
     x = _x((2, 4))
-    np.testing.assert_allclose(hooked(x), 2 * plain(x), rtol=1e-6)
+    np.testing.assert_allclose(hooked(x), 2 * plain(x), rtol=1e-6, atol=1e-6)
     assert calls
 
     half = EinMix("b c -> b d", c=4, d=3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
@@ -416,7 +416,8 @@ def test_logical_axes_place_params_under_a_mesh_and_survive_split_merge_and_jit(
     x = _x((4, 6))
     expected = layer.functional(layer.get_params(), x)
     with jax.set_mesh(mesh):
-        np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(merged, x), expected, rtol=1e-6)
+        got = nnx.jit(lambda m, x: m(x))(merged, x)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_logical_axes_errors_name_the_argument():

@@ -173,7 +173,10 @@ def test_linen_init_sharded_by_logical_rules_and_train_step_matches_one_device(c
             assert isinstance(box, nn.LogicallyPartitioned)
             assert box.value.sharding == shardings["params"][scope][name]
             _check_placed(box.value, mesh, spec)
-            np.testing.assert_array_equal(np.asarray(box.value), np.asarray(params0[scope][name]))
+            # drawn sharded under jit, against the eager draw on one device
+            np.testing.assert_allclose(
+                np.asarray(box.value), np.asarray(params0[scope][name]), rtol=1e-6, atol=1e-6
+            )
 
     params = variables["params"]
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -186,7 +189,7 @@ def test_linen_init_sharded_by_logical_rules_and_train_step_matches_one_device(c
             s_losses.append(loss)
 
     np.testing.assert_allclose(np.asarray(s_losses), np.asarray(losses), rtol=1e-5)
-    chex.assert_trees_all_close(jax.device_get(nn.unbox(params)), params_end, rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(nn.unbox(params)), params_end, rtol=1e-5, atol=1e-6)
     for layer, scope in LINEN_NAMES.items():
         for name, spec in expected[layer].items():
             _check_placed(params[scope][name].value, mesh, spec)
@@ -249,7 +252,12 @@ def test_nnx_state_sharded_by_logical_rules_and_train_step_matches_one_device(ca
         for name, spec in specs.items():
             value = getattr(getattr(model, layer), name)[...]
             _check_placed(value, mesh, spec)
-            np.testing.assert_array_equal(np.asarray(value), params0[layer][name])
+            if eager:  # drawn sharded under nnx.jit, against the eager draw on one device
+                np.testing.assert_allclose(
+                    np.asarray(value), params0[layer][name], rtol=1e-6, atol=1e-6
+                )
+            else:  # the same draw, moved
+                np.testing.assert_array_equal(np.asarray(value), params0[layer][name])
 
     with jax.set_mesh(mesh):
         step = nnx.jit(_nnx_step)
@@ -258,7 +266,7 @@ def test_nnx_state_sharded_by_logical_rules_and_train_step_matches_one_device(ca
 
     np.testing.assert_allclose(np.asarray(s_losses), np.asarray(losses), rtol=1e-5)
     final = nnx.state(model, nnx.Param).to_pure_dict()
-    chex.assert_trees_all_close(jax.device_get(final), params_end, rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(final), params_end, rtol=1e-5, atol=1e-6)
     for layer, specs in expected.items():
         for name, spec in specs.items():
             _check_placed(final[layer][name], mesh, spec)

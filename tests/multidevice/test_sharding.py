@@ -55,7 +55,10 @@ def test_init_creates_params_sharded(mesh_shape, names, rules, axis_type):
             assert value.sharding == shardings[name]
             local = _local_shape(value.shape, shardings[name].spec, mesh)
             assert {s.data.shape for s in value.addressable_shards} == {local}
-            np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[name]))
+            # the sharded draw is another program: equal up to float rounding
+            np.testing.assert_allclose(
+                np.asarray(value), np.asarray(expected[name]), rtol=1e-6, atol=1e-6
+            )
         # each device draws its own block: no collective moves a weight around
         assert collectives(init.as_text()) == []
 
@@ -115,7 +118,9 @@ def test_train_step_matches_one_device(mesh_shape, names, rules, axis_type):
             s_losses.append(loss)
 
     np.testing.assert_allclose(np.asarray(s_losses), np.asarray(losses), rtol=1e-5)
-    chex.assert_trees_all_close(jax.device_get(s_params), jax.device_get(params), rtol=1e-5)
+    chex.assert_trees_all_close(
+        jax.device_get(s_params), jax.device_get(params), rtol=1e-5, atol=1e-6
+    )
     for layer in ("up", "down"):
         for name, value in s_params[layer].items():
             assert value.sharding.is_equivalent_to(shardings[layer][name], value.ndim), (
@@ -179,7 +184,7 @@ def test_explicit_mesh_output_follows_the_names():
     assert jax.typeof(hidden).sharding.spec == P("data", None, "model")
     assert jax.typeof(out).sharding.spec == P("data", None, None)
     expected = mlp_forward((up, down), jax.device_get(params), np.ones((8, 2, 4), np.float32))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
 RULE_SETS = [
