@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
 import weakref
@@ -19,121 +18,8 @@ from jax import lax
 import einmix_jax as em
 from einmix_jax import _core, _lower, _parse
 
+from .cases import CASES, Case, normal
 from .reference import default_weight_shape, reference_einmix
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One configuration: ``em.init(pattern, key, weight_shape=, bias_shape=, **axes)`` on x."""
-
-    pattern: str
-    weight_shape: str | None
-    bias_shape: str | None
-    axes: dict[str, int]
-    x_shape: tuple[int, ...]
-
-    def init(self, key: jax.Array, **options) -> tuple[dict, em.EinMix]:
-        return em.init(
-            self.pattern,
-            key,
-            weight_shape=self.weight_shape,
-            bias_shape=self.bias_shape,
-            **options,
-            **self.axes,
-        )
-
-    def reference(self, params: dict, x: np.ndarray) -> np.ndarray:
-        bias = params.get("bias")
-        return reference_einmix(
-            self.pattern,
-            self.weight_shape,
-            self.bias_shape,
-            np.asarray(x),
-            np.asarray(params["weight"], np.float64),
-            None if bias is None else np.asarray(bias, np.float64),
-            self.axes,
-        )
-
-
-def _many_axes_case() -> Case:
-    """28 distinct axes: 14 batch axes, 7 contracted, 7 produced (einops' letters stop at 26)."""
-    batch = [f"b{i}" for i in range(14)]
-    ins = [f"k{i}" for i in range(7)]
-    outs = [f"o{i}" for i in range(7)]
-    axes = {a: 2 for a in ins + outs}
-    axes.update({"b3": 2, "b10": 2})  # batch axes may be given; the rest are read off x
-    x_shape = tuple(2 if a in ("b3", "b10") else 1 for a in batch) + (2,) * 7
-    pattern = f"{' '.join(batch)} {' '.join(ins)} -> {' '.join(batch)} ({' '.join(outs)})"
-    return Case(pattern, " ".join(ins + outs), " ".join(outs[::-1]), axes, x_shape)
-
-
-CASES = {
-    "plain linear": Case("b t c -> b t d", "c d", "d", dict(c=4, d=3), (2, 3, 4)),
-    "inferred weight": Case("b t c -> b t d", None, "d", dict(c=4, d=3), (2, 3, 4)),
-    "weight order d c": Case("b c -> b d", "d c", None, dict(c=4, d=3), (2, 4)),
-    "token mixing": Case("b t c -> b u c", "t u", "u", dict(t=3, u=5), (2, 3, 4)),
-    "token mixing, no bias": Case("b t c -> b u c", None, None, dict(t=3, u=5), (2, 3, 4)),
-    "mix the first axis": Case("h w c -> hout w c", "h hout", "hout", dict(h=3, hout=2), (3, 2, 4)),
-    "multi-head": Case("b t (h c) -> b t (h d)", "h c d", "h d", dict(h=2, c=3, d=4), (2, 3, 6)),
-    "multi-head, head axis separate": Case(
-        "b t (h c) -> b h t d", "h c d", "d", dict(h=2, c=3, d=4), (2, 3, 6)
-    ),
-    "heads first in x, last in output": Case(
-        "h b c -> b d h", "c h d", "h", dict(h=2, c=3, d=4), (2, 5, 3)
-    ),
-    "composition on both sides": Case(
-        "b (t g) c -> (b t) (g d)", "g c d", "g d", dict(g=2, c=3, d=2), (2, 6, 3)
-    ),
-    "composed batch on the left": Case("(b t) c -> b t d", "c d", "d", dict(t=3, c=4, d=2), (6, 4)),
-    "patch embedding": Case(
-        "b (h ph) (w pw) c -> b (h w) d",
-        "ph pw c d",
-        "d",
-        dict(ph=2, pw=2, c=3, d=5),
-        (2, 4, 6, 3),
-    ),
-    "ellipsis with bias": Case("b ... c -> b ... d", "c d", "d", dict(c=4, d=3), (2, 3, 2, 4)),
-    "leading ellipsis": Case("... c -> ... d", "c d", "d", dict(c=4, d=3), (3, 2, 4)),
-    "empty ellipsis": Case("b ... c -> b ... d", "c d", "d", dict(c=4, d=3), (2, 4)),
-    "ellipsis mixed and moved": Case(
-        "b ... t -> u ... b", "t u", None, dict(t=3, u=2), (2, 3, 2, 3)
-    ),
-    "parenthesised ellipsis on the right": Case(
-        "b ... c -> b (... d)", "c d", "d", dict(c=4, d=3), (2, 3, 2, 4)
-    ),
-    "parenthesised ellipsis after an axis": Case(
-        "b ... c -> (b ... d)", "c d", None, dict(c=4, d=3), (2, 3, 4)
-    ),
-    "elementwise scale": Case("t b c -> t b c", "c", "c", dict(c=4), (3, 2, 4)),
-    "elementwise scale, no bias": Case("t b c -> t b c", "c", None, dict(c=4), (3, 2, 4)),
-    "multi-axis bias, order differs from output": Case(
-        "b (h c) -> b h d", "h c d", "d h", dict(h=2, c=3, d=4), (2, 6)
-    ),
-    "bias over a composed output": Case(
-        "b t c -> b (t d e)", "c d e", "e d", dict(c=3, d=2, e=3), (2, 3, 3)
-    ),
-    "28 axes": _many_axes_case(),
-    "axes named key and pattern": Case(
-        "b key -> b pattern", "key pattern", "pattern", dict(key=3, pattern=4), (2, 3)
-    ),
-    "unitary anonymous axes 1": Case("b 1 c -> b d 1", "c d", "d", dict(c=4, d=3), (2, 1, 4)),
-    "unitary anonymous axes ()": Case(
-        "b () c -> (b 1) d ()", "c d", "d", dict(c=4, d=3), (2, 1, 4)
-    ),
-    "1 inside a group": Case("b (1 c) -> (b 1) d", "c d", None, dict(c=4, d=3), (2, 4)),
-    "input-only axis is summed": Case("b t c -> b d", "c d", "d", dict(c=4, d=3), (2, 3, 4)),
-    "scalar weight": Case("b c -> b c", "", "c", dict(c=4), (2, 4)),
-    "scalar input, weight and bias": Case(" -> ", "", "", {}, ()),
-    "weight-only output axis (outer product)": Case("b c -> b c r", "r", "r", dict(r=3), (2, 4)),
-    "input length given and used": Case("b c -> b d", "c d", None, dict(b=2, c=4, d=3), (2, 4)),
-    "batch, contracted and free axes interleaved": Case(
-        "x h y c -> h d y x", "h c d", "h d", dict(h=2, c=3, d=2), (2, 2, 3, 3)
-    ),
-}
-
-
-def _normal(shape: tuple[int, ...], seed: int = 0, dtype=np.float32) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
@@ -147,7 +33,7 @@ def test_apply_matches_reference(case: Case):
         assert set(params) == {"weight"}
     else:
         chex.assert_shape(params["bias"], tuple(case.axes[a] for a in case.bias_shape.split()))
-    x = _normal(case.x_shape)
+    x = normal(case.x_shape)
 
     y = jax.jit(apply)(params, x)
 
@@ -160,7 +46,7 @@ def test_apply_matches_reference(case: Case):
 def test_apply_eagerly_equals_jit():
     case = CASES["multi-head"]
     params, apply = case.init(jax.random.key(1))
-    x = _normal(case.x_shape)
+    x = normal(case.x_shape)
     chex.assert_trees_all_close(apply(params, x), jax.jit(apply)(params, x), rtol=1e-6, atol=1e-6)
 
 
@@ -170,7 +56,7 @@ def test_apply_eagerly_equals_jit():
 def test_vmap_over_inputs():
     case = CASES["multi-head"]
     params, apply = case.init(jax.random.key(0))
-    xs = _normal((3, *case.x_shape))
+    xs = normal((3, *case.x_shape))
     ys = jax.jit(jax.vmap(apply, in_axes=(None, 0)))(params, xs)
     expected = np.stack([case.reference(params, x) for x in xs])
     np.testing.assert_allclose(ys, expected, rtol=1e-5, atol=1e-5)
@@ -182,7 +68,7 @@ def test_ensemble_vmap_over_stacked_params():
     keys = jax.random.split(jax.random.key(1), 4)
     stacked = jax.vmap(apply.init)(keys)
     chex.assert_shape(stacked["weight"], (4, 3, 5))
-    x = _normal(case.x_shape)
+    x = normal(case.x_shape)
     ys = jax.jit(jax.vmap(apply, in_axes=(0, None)))(stacked, x)
     for i, key in enumerate(keys):
         member = apply.init(key)
@@ -191,7 +77,7 @@ def test_ensemble_vmap_over_stacked_params():
         )
         np.testing.assert_allclose(ys[i], case.reference(member, x), rtol=1e-5, atol=1e-5)
     # a different member per input as well
-    xs = _normal((4, *case.x_shape), seed=1)
+    xs = normal((4, *case.x_shape), seed=1)
     ys = jax.vmap(apply)(stacked, xs)
     for i in range(4):
         member = jax.tree.map(lambda a, i=i: a[i], stacked)
@@ -201,7 +87,7 @@ def test_ensemble_vmap_over_stacked_params():
 def test_scan_over_stacked_layers():
     _, apply = em.init("b c -> b d", jax.random.key(0), bias_shape="d", c=4, d=4)
     stacked = jax.vmap(apply.init)(jax.random.split(jax.random.key(1), 3))
-    x = _normal((2, 4))
+    x = normal((2, 4))
 
     def body(h, p):
         return jnp.tanh(apply(p, h)), None
@@ -226,7 +112,7 @@ def _loss(apply):
 
 def test_grad_of_plain_linear_matches_the_analytic_gradient():
     params, apply = em.init("b c -> b d", jax.random.key(0), bias_shape="d", c=3, d=2)
-    x = _normal((5, 3))
+    x = normal((5, 3))
     grads = jax.jit(jax.grad(_loss(apply)))(params, x)
     w, b = np.asarray(params["weight"], np.float64), np.asarray(params["bias"], np.float64)
     upstream = np.cos(x @ w + b)  # d sum(sin(y)) / dy
@@ -238,7 +124,7 @@ def test_grad_of_plain_linear_matches_the_analytic_gradient():
 def test_checkpoint_gives_the_same_value_and_grad():
     case = CASES["patch embedding"]
     params, apply = case.init(jax.random.key(0))
-    x = _normal(case.x_shape)
+    x = normal(case.x_shape)
     loss = _loss(apply)
     plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
     remat = jax.jit(jax.value_and_grad(jax.checkpoint(loss), argnums=(0, 1)))(params, x)
@@ -264,7 +150,7 @@ def test_check_grads_order_2_in_float64(name: str):
     case = CASES[name]
     with jax.enable_x64(True):
         params, apply = case.init(jax.random.key(0), param_dtype=jnp.float64)
-        x = jnp.asarray(_normal(case.x_shape, dtype=np.float64))
+        x = jnp.asarray(normal(case.x_shape, dtype=np.float64))
         assert apply(params, x).dtype == jnp.float64
         jax.test_util.check_grads(
             _loss(apply), (params, x), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6
@@ -309,7 +195,7 @@ def test_dtype_float64_under_x64():
     case = CASES["plain linear"]
     with jax.enable_x64(True):
         params, apply = case.init(jax.random.key(0), dtype=jnp.float64)
-        x = _normal(case.x_shape)
+        x = normal(case.x_shape)
         y = apply(params, x)
         assert y.dtype == jnp.float64
         np.testing.assert_allclose(y, case.reference(params, x), rtol=1e-12, atol=1e-12)
@@ -382,15 +268,15 @@ def traces(monkeypatch):
 def test_no_retrace_on_a_second_apply_with_the_same_shapes(traces):
     config = dict(weight_shape="c e", bias_shape="e", c=3, e=9)
     params, apply = em.init("q c -> q e", jax.random.key(0), **config)
-    apply(params, _normal((2, 3)))
+    apply(params, normal((2, 3)))
     lowered = _lower.lower.cache_info()
-    apply(params, _normal((2, 3), seed=1))
+    apply(params, normal((2, 3), seed=1))
     other_params, other = em.init("q c -> q e", jax.random.key(1), **config)  # an equal layer
     assert other == apply and hash(other) == hash(apply)
-    other(other_params, _normal((2, 3), seed=2))
+    other(other_params, normal((2, 3), seed=2))
     assert len(traces) == len(_core._COMPILED) == 1
     assert _lower.lower.cache_info().misses == lowered.misses
-    apply(params, _normal((4, 3)))  # a new input shape compiles once more
+    apply(params, normal((4, 3)))  # a new input shape compiles once more
     assert len(traces) == len(_core._COMPILED) == 2
 
 
@@ -399,7 +285,7 @@ def _ones(key, shape, dtype):
 
 
 def test_layers_computing_the_same_thing_share_one_compile(traces):
-    x = _normal((2, 3))
+    x = normal((2, 3))
     reference = None
     variants = [
         em.layer("b c -> b d", c=3, d=4),
@@ -420,7 +306,7 @@ def test_layers_computing_the_same_thing_share_one_compile(traces):
 
 
 def test_partial_hooks_built_per_call_do_not_retrace(traces):
-    x = _normal((2, 3))
+    x = normal((2, 3))
     params = em.layer("b c -> b d", c=3, d=4).init(jax.random.key(0))
     for _ in range(5):
         hook = functools.partial(lax.dot_general, precision=lax.Precision.HIGHEST)
@@ -437,7 +323,7 @@ def test_linen_partial_hook_applied_eagerly_compiles_nothing_of_ours(traces):
             hook = functools.partial(lax.dot_general, precision=lax.Precision.HIGHEST)
             return em.linen.EinMix("b c -> b d", "c d", sizes={"d": 4}, dot_general=hook)(x)
 
-    x = _normal((2, 3))
+    x = normal((2, 3))
     variables = Model().init(jax.random.key(0), x)
     for _ in range(10):
         Model().apply(variables, x)
@@ -456,8 +342,8 @@ def test_a_deleted_layer_frees_what_its_initializer_captured(traces):
 
     mix = em.layer("b c -> b d", c=3, d=4, weight_init=init)
     params = mix.init(jax.random.key(0))
-    mix(params, _normal((2, 3)))
-    jax.jit(mix)(params, _normal((2, 3)))  # also under the user's jit
+    mix(params, normal((2, 3)))
+    jax.jit(mix)(params, normal((2, 3)))  # also under the user's jit
     del mix, init, captured
     gc.collect()
     assert ref() is None
@@ -465,7 +351,7 @@ def test_a_deleted_layer_frees_what_its_initializer_captured(traces):
 
 def test_compiled_applies_are_bounded_least_recently_used_first(traces, monkeypatch):
     monkeypatch.setattr(_core._COMPILED, "maxsize", 3)
-    x = _normal((2, 3))
+    x = normal((2, 3))
     layers = [em.layer("b c -> b d", c=3, d=d) for d in range(1, 6)]
     jitted = []
     for mix in layers:
@@ -483,10 +369,6 @@ def test_compiled_applies_are_bounded_least_recently_used_first(traces, monkeypa
 
 def _zeros(key, shape, dtype):
     return jnp.zeros(shape, dtype)
-
-
-def _ones(key, shape, dtype):
-    return jnp.ones(shape, dtype)
 
 
 def _fill(key, shape, dtype, value=0.0):
@@ -534,7 +416,7 @@ def test_params_in_any_mapping():
 
     case = CASES["multi-head"]
     params, apply = case.init(jax.random.key(0))
-    x = _normal(case.x_shape)
+    x = normal(case.x_shape)
     expected = case.reference(params, x)
     for mapping in (FrozenDict(params), _ReadOnly(params)):
         np.testing.assert_allclose(apply(mapping, x), expected, rtol=1e-5, atol=1e-5)
@@ -651,7 +533,7 @@ OPTIONS = [
 def test_any_axis_name_through_sizes(name):
     params, apply = em.init(f"b {name} -> b d", jax.random.key(0), sizes={name: 3, "d": 2})
     assert jax.tree.map(jnp.shape, params) == {"weight": (3, 2)}
-    x = _normal((2, 3))
+    x = normal((2, 3))
     expected = reference_einmix(
         "b c -> b d", "c d", None, x, np.asarray(params["weight"]), None, {"c": 3, "d": 2}
     )

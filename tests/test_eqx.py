@@ -11,8 +11,8 @@ import pytest
 
 import einmix_jax as em
 
+from .cases import CASES, Case, jax_normal
 from .reference import reference_einmix
-from .test_core import CASES, Case
 
 eqx = pytest.importorskip("equinox")
 
@@ -28,16 +28,12 @@ def _layer(case: Case, key: jax.Array | None = None, **options) -> em.eqx.EinMix
     )
 
 
-def _x(shape: tuple[int, ...], seed: int = 1) -> jax.Array:
-    return jax.random.normal(jax.random.key(seed), shape)
-
-
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_matches_functional_apply_and_reference(case: Case):
     layer = _layer(case)
     params, apply = case.init(jax.random.key(0))  # same key: same params
     chex.assert_trees_all_equal(layer.params, params)
-    x = _x(case.x_shape)
+    x = jax_normal(case.x_shape)
     y = eqx.filter_jit(layer)(x)
     np.testing.assert_allclose(y, apply(params, x), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(y, case.reference(params, np.asarray(x)), rtol=1e-5, atol=1e-5)
@@ -85,7 +81,7 @@ def test_errors_name_the_users_axis():
 def test_filter_grad_and_value_and_grad_match_the_functional_gradient():
     case = CASES["token mixing"]
     layer = _layer(case)
-    x = _x(case.x_shape)
+    x = jax_normal(case.x_shape)
 
     def loss(model, x):
         return jnp.sum(jnp.sin(model(x)))
@@ -105,7 +101,7 @@ def test_filter_vmap_ensemble_over_keys_and_over_the_batch():
     keys = jax.random.split(jax.random.key(0), 3)
     ensemble = eqx.filter_vmap(lambda k: _layer(case, k))(keys)
     assert ensemble.weight.shape == (3, 4, 3)
-    x = _x(case.x_shape)
+    x = jax_normal(case.x_shape)
     ys = eqx.filter_vmap(lambda m, x: m(x), in_axes=(eqx.if_array(0), None))(ensemble, x)
     for i, key in enumerate(keys):
         member = _layer(case, key)
@@ -125,7 +121,7 @@ def test_serialise_and_deserialise_leaves(tmp_path):
     skeleton = _layer(case, jax.random.key(0))
     restored = eqx.tree_deserialise_leaves(path, skeleton)
     chex.assert_trees_all_equal(restored.params, layer.params)
-    x = _x(case.x_shape)
+    x = jax_normal(case.x_shape)
     np.testing.assert_array_equal(restored(x), layer(x))
 
 
@@ -133,7 +129,7 @@ def test_optax_training_fits_a_linear_target():
     case = CASES["multi-head"]
     model = _layer(case)
     target = _layer(case, jax.random.key(9))
-    x = _x((64, 3, 6))
+    x = jax_normal((64, 3, 6))
     y = case.reference(target.params, np.asarray(x))
     optimizer = optax.adam(0.05)
     state = optimizer.init(eqx.filter(model, eqx.is_array))

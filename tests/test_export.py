@@ -14,7 +14,7 @@ from flax import nnx
 
 import einmix_jax as em
 
-from .test_core import Case
+from .cases import Case
 
 pytest.importorskip("flatbuffers")  # jax.export's serialization needs it
 

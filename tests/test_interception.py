@@ -22,6 +22,7 @@ from flax.linen import fp8_ops
 
 import einmix_jax as em
 
+from .cases import jax_normal
 from .reference import reference_einmix
 
 qwix = pytest.importorskip("qwix")
@@ -37,10 +38,6 @@ def _standard_promotion():
     """qwix's and Flax's fp8 arithmetic mix dtypes: they need JAX's standard promotion."""
     with jax.numpy_dtype_promotion("standard"):
         yield
-
-
-def _normal(shape: tuple[int, ...], seed: int = 1) -> jax.Array:
-    return jax.random.normal(jax.random.key(seed), shape)
 
 
 def _reference(params: dict, x, pattern: str, weight_shape: str, bias_shape, sizes) -> np.ndarray:
@@ -73,7 +70,7 @@ def _inside(apply, params):
 @pytest.mark.parametrize("first", ["tool", "plain"])
 def test_the_functional_apply_is_never_served_a_trace_made_under_a_tool(provider, first):
     params, apply = em.init("b c -> b d", jax.random.key(0), c=5, d=3)
-    x = _normal((4, 5))
+    x = jax_normal((4, 5))
     reference = _reference(params, x, "b c -> b d", "c d", None, dict(c=5, d=3))
     make = {"qat": qwix.QtProvider, "ptq": qwix.PtqProvider}[provider]
     tool = qwix.quantize_model(_inside(apply, params), make(RULES))
@@ -143,7 +140,8 @@ class _Mix(nn.Module):
 
 def _pair(weight_shape: str, c: int, d: int, x_shape):
     """EinMix and the nn.Dense control with the same params (kernel = the weight as ``'c d'``)."""
-    x = _normal(x_shape) * jnp.arange(1, x_shape[1] + 1)[None, :, None]  # tokens of different scale
+    # tokens of different scale
+    x = jax_normal(x_shape) * jnp.arange(1, x_shape[1] + 1)[None, :, None]
     ours = _Mix(weight_shape, dict(c=c, d=d))
     variables = ours.init(jax.random.key(0), x)
     weight = variables["params"]["layer"]["weight"]
@@ -216,7 +214,7 @@ def _recording(calls: list):
 
 @pytest.mark.parametrize("preferred", [None, jnp.float32])
 def test_the_hook_is_called_as_flax_calls_it(preferred):
-    x = _normal((2, 3, 4))
+    x = jax_normal((2, 3, 4))
     ours, theirs = [], []
     em.linen.EinMix(
         "b t c -> b t d",
@@ -233,7 +231,7 @@ def test_the_hook_is_called_as_flax_calls_it(preferred):
 
 def test_a_partial_hooks_own_arguments_are_kept():
     hook = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-    x = _normal((2, 4)).astype(jnp.bfloat16)
+    x = jax_normal((2, 4)).astype(jnp.bfloat16)
     kwargs = dict(param_dtype=jnp.bfloat16, dot_general=hook)
     y = em.linen.EinMix("b c -> b d", sizes=dict(d=3), **kwargs).init_with_output(
         jax.random.key(0), x
@@ -304,7 +302,7 @@ def _fp8_train(model, variables, x, target, steps=3):
 
 @pytest.mark.parametrize("op", [fp8_ops.Fp8DirectDotGeneralOp, fp8_ops.Fp8DotGeneralOp])
 def test_flax_fp8_training_gives_einmix_what_it_gives_nn_dense(op):
-    x, target = _normal((2, 3, 16)), _normal((2, 3, 4), seed=2)
+    x, target = jax_normal((2, 3, 16)), jax_normal((2, 3, 4), seed=2)
     with pytest.warns(DeprecationWarning) if op is fp8_ops.Fp8DotGeneralOp else _nothing():
         ours = _Fp8(True, op)
         control = _Fp8(False, op)
@@ -333,7 +331,7 @@ class _nothing:
 
 
 def test_nnx_fp8_hook_gives_einmix_what_it_gives_nnx_linear():
-    x = _normal((2, 3, 16))
+    x = jax_normal((2, 3, 16))
     state = dict(
         lhs_scale=jnp.ones((1,)),
         rhs_scale=jnp.ones((1,)),

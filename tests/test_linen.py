@@ -18,12 +18,8 @@ from jax.sharding import PartitionSpec as P
 import einmix_jax as em
 from einmix_jax.linen import EinMix, from_einops
 
+from .cases import CASES, LOGICAL_CASES, Case, normal
 from .reference import reference_einmix, tokens
-from .test_core import CASES, Case
-
-
-def _x(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def sizes_not_in_input(case: Case) -> dict[str, int]:
@@ -60,7 +56,7 @@ def _shapes(tree):
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_equals_functional_and_reference(case: Case):
-    x = _x(case.x_shape)
+    x = normal(case.x_shape)
     layer = EinMix(case.pattern, case.weight_shape, case.bias_shape, sizes=case.axes)
     core = em.layer(
         case.pattern, weight_shape=case.weight_shape, bias_shape=case.bias_shape, **case.axes
@@ -74,14 +70,14 @@ def test_equals_functional_and_reference(case: Case):
     )
     assert _shapes(jax.eval_shape(inferred.init, jax.random.key(0), x)) == expected_shapes
 
-    params = {k: _x(s, seed=i + 1) for i, (k, s) in enumerate(core.param_shapes.items())}
+    params = {k: normal(s, seed=i + 1) for i, (k, s) in enumerate(core.param_shapes.items())}
     y = layer.apply({"params": params}, x)
     np.testing.assert_allclose(y, core(params, x), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(y, case.reference(params, x), rtol=1e-5, atol=1e-5)
 
 
 def test_params_drawn_by_the_core_initializers():
-    x = _x((2, 5, 4))
+    x = normal((2, 5, 4))
     layer = EinMix("b t c -> b t d", "c d", "d", sizes={"d": 3})
     assert layer.functional(x.shape) == em.layer(
         "b t c -> b t d", weight_shape="c d", bias_shape="d", d=3, c=4
@@ -172,7 +168,7 @@ class _SetupMLP(nn.Module):
 
 @pytest.mark.parametrize("parent", [_CompactMLP, _SetupMLP])
 def test_compact_and_setup_parents(parent):
-    x = _x((2, 3, 5))
+    x = normal((2, 3, 5))
     variables = parent().init(jax.random.key(0), x)
     params = variables["params"]
     assert sorted(params) == (
@@ -201,7 +197,7 @@ def test_scan_stacked_layers():
             return jnp.tanh(EinMix("b c -> b d", "c d", "d", sizes={"d": 4})(x)), None
 
     stack = nn.scan(Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
-    x = _x((2, 4))
+    x = normal((2, 4))
     variables = stack.init(jax.random.key(0), x, None)
     params = variables["params"]["EinMix_0"]
     assert jax.tree.map(jnp.shape, params) == {"weight": (3, 4, 4), "bias": (3, 4)}
@@ -222,7 +218,7 @@ def test_vmap_per_member_params():
         variable_axes={"params": 0},
         split_rngs={"params": True},
     )("b c -> b d", "c d", "d", sizes={"d": 2})
-    x = _x((3, 4, 5))  # 3 members, batch 4, 5 features
+    x = normal((3, 4, 5))  # 3 members, batch 4, 5 features
     variables = members.init(jax.random.key(0), x)
     params = variables["params"]
     assert jax.tree.map(jnp.shape, params) == {"weight": (3, 5, 2), "bias": (3, 2)}
@@ -242,10 +238,10 @@ def test_vmap_shared_params_reads_sizes_off_one_example():
         variable_axes={"params": None},
         split_rngs={"params": False},
     )("t c -> t d", "c d", "d", sizes={"d": 2})
-    x = _x((3, 4, 5))  # 3 examples of 4 tokens, 5 features
+    x = normal((3, 4, 5))  # 3 examples of 4 tokens, 5 features
     shapes = jax.tree.map(jnp.shape, jax.eval_shape(per_example.init, jax.random.key(0), x))
     assert shapes == {"params": {"weight": (5, 2), "bias": (2,)}}  # not stacked: shared
-    params = {"weight": _x((5, 2), seed=1), "bias": _x((2,), seed=2)}
+    params = {"weight": normal((5, 2), seed=1), "bias": normal((2,), seed=2)}
     np.testing.assert_allclose(
         per_example.apply({"params": params}, x),
         reference_einmix(
@@ -259,8 +255,8 @@ def test_vmap_shared_params_reads_sizes_off_one_example():
 def test_remat_and_grad():
     plain = EinMix("b (h c) -> b (h d)", "h c d", "h d", sizes={"h": 2, "d": 3})
     remat = nn.remat(EinMix)("b (h c) -> b (h d)", "h c d", "h d", sizes={"h": 2, "d": 3})
-    x = _x((4, 6))
-    variables = {"params": {"weight": _x((2, 3, 3), seed=1), "bias": _x((2, 3), seed=2)}}
+    x = normal((4, 6))
+    variables = {"params": {"weight": normal((2, 3, 3), seed=1), "bias": normal((2, 3), seed=2)}}
     assert _shapes(jax.eval_shape(remat.init, jax.random.key(0), x)) == _shapes(variables)
 
     def loss_and_grad(module):
@@ -284,7 +280,7 @@ def test_tabulate():
 
 
 def test_dtypes():
-    x = _x((2, 4))
+    x = normal((2, 4))
     layer = EinMix(
         "b c -> b d", "c d", "d", sizes={"d": 3}, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
     )
@@ -305,7 +301,7 @@ def test_dot_general_injection():
         calls.append((lhs.shape, rhs.shape))
         return 2 * jax.lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
 
-    x = _x((2, 4))
+    x = normal((2, 4))
     plain = EinMix("b c -> b d", "c d", sizes={"d": 3})
     hooked = plain.clone(dot_general=doubled)
     variables = plain.init(jax.random.key(0), x)
@@ -362,13 +358,13 @@ EINOPS_CASES = [
 @pytest.mark.parametrize("name", EINOPS_CASES)
 def test_einops_parity_through_converter(name):
     case = CASES[name]
-    x = _x(case.x_shape)
+    x = normal(case.x_shape)
     theirs = einops.layers.flax.EinMix(case.pattern, case.weight_shape, case.bias_shape, case.axes)
     ours = EinMix(case.pattern, case.weight_shape, case.bias_shape, case.axes)
     with jax.numpy_rank_promotion("allow"):  # einops adds a bias of lower rank under '...'
         shapes = jax.eval_shape(theirs.init, jax.random.key(0), x)["params"]
         # random values (einops' bias init is all positive), so a wrong re-layout can't pass
-        saved = {"params": {k: _x(a.shape, seed=i) for i, (k, a) in enumerate(shapes.items())}}
+        saved = {"params": {k: normal(a.shape, seed=i) for i, (k, a) in enumerate(shapes.items())}}
         expected = theirs.apply(saved, x)
     for layer in (ours, theirs):  # either layer describes the configuration
         converted = from_einops(saved, layer)
@@ -393,57 +389,11 @@ def test_converter_rejects_wrong_shapes():
         from_einops({"weight": np.ones((4, 3))}, layer)
 
 
-# Partitioning metadata: (pattern, weight_shape, bias_shape, axes, x_shape, logical_axes option,
-# expected names of the weight and the bias, logical axis rules).
-LOGICAL_CASES = {
-    "own names": (
-        "b t c -> b t d",
-        "c d",
-        "d",
-        {"c": 4, "d": 6},
-        (2, 3, 4),
-        True,
-        {"weight": ("c", "d"), "bias": ("d",)},
-        [("d", "model"), ("c", None)],
-    ),
-    "multi-head, renamed": (
-        "b t (h c) -> b t (h d)",
-        "h c d",
-        "h d",
-        {"h": 2, "c": 3, "d": 4},
-        (2, 3, 6),
-        {"h": "heads", "c": "embed"},
-        {"weight": ("heads", "embed", "d"), "bias": ("heads", "d")},
-        [("heads", "model"), ("embed", "data"), ("d", "model")],  # 'model' taken: d replicated
-    ),
-    "token mixing": (
-        "b t c -> b u c",
-        "t u",
-        "u c",
-        {"t": 4, "u": 6, "c": 3},
-        (2, 4, 3),
-        {"u": "seq"},
-        {"weight": ("t", "seq"), "bias": ("seq", "c")},
-        [("seq", "model"), ("t", "data"), ("b", "data")],
-    ),
-    "inferred weight, no bias": (
-        "b c -> b d",
-        None,
-        None,
-        {"c": 4, "d": 2},
-        (3, 4),
-        {},
-        {"weight": ("c", "d")},
-        [("c", "model")],
-    ),
-}
-
-
 def test_without_logical_axes_params_are_plain_arrays():
     layer = EinMix("b t c -> b t d", "c d", "d", sizes={"d": 3})
     assert layer.logical_axes is None
     assert layer == layer.clone(logical_axes=None) == layer.clone(logical_axes=False)
-    x = _x((2, 5, 4))
+    x = normal((2, 5, 4))
     variables = layer.init(jax.random.key(0), x)
     leaves = jax.tree.leaves(variables, is_leaf=nn.meta.is_axis_metadata)
     assert all(isinstance(leaf, jax.Array) for leaf in leaves) and len(leaves) == 2
@@ -453,7 +403,7 @@ def test_without_logical_axes_params_are_plain_arrays():
 @pytest.mark.parametrize("name", list(LOGICAL_CASES))
 def test_logical_axes_box_params_with_the_pattern_names(name):
     pattern, weight_shape, bias_shape, axes, x_shape, logical, names, rules = LOGICAL_CASES[name]
-    x = _x(x_shape)
+    x = normal(x_shape)
     plain = EinMix(pattern, weight_shape, bias_shape, sizes=axes)
     boxed = plain.clone(logical_axes=logical)
     variables = boxed.init(jax.random.key(2), x)
@@ -529,7 +479,7 @@ def test_logical_axes_under_scan_gain_the_layer_axis():
         length=3,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )()
-    x = _x((2, 4))
+    x = normal((2, 4))
     variables = stack.init(jax.random.key(0), x, None)
     specs = nn.get_partition_spec(variables)["params"]["EinMix_0"]
     assert specs == {"weight": P("layers", "embed", "d"), "bias": P("layers", "d")}
@@ -546,7 +496,7 @@ def test_params_move_to_the_functional_form_in_any_mapping():
     import flax
 
     layer = EinMix("b c -> b d", "c d", "d", sizes={"d": 3})
-    x = _x((2, 4))
+    x = normal((2, 4))
     functional = em.layer("b c -> b d", bias_shape="d", c=4, d=3)
     flax.config.update("flax_return_frozendict", True)
     try:
@@ -588,7 +538,7 @@ FIELDS = [
 
 @pytest.mark.parametrize("name", FIELDS)
 def test_axes_named_like_fields(name):
-    x = _x((2, 3))
+    x = normal((2, 3))
     read = EinMix(f"b {name} -> b d", sizes={"d": 4})  # read off the input
     given = EinMix(f"b c -> b {name}", sizes={name: 4})  # given in sizes
     for layer in (read, given):
@@ -623,12 +573,12 @@ def test_sizes_none_is_no_sizes():
 
 
 def test_shape_errors_are_the_functional_forms():
-    x = _x((2, 3, 4))
+    x = normal((2, 3, 4))
     # a bias axis read off the input at init, then another length at apply
     layer = EinMix("b t c -> b t d", "c d", "t d", sizes={"d": 2})
     variables = layer.init(jax.random.key(0), x)
     with pytest.raises(em.EinMixError, match=r"axis 't': expected 3, got 5"):
-        layer.apply(variables, _x((2, 5, 4)))
+        layer.apply(variables, normal((2, 5, 4)))
     params = variables["params"]
     functional = em.layer("b t c -> b t d", "c d", "t d", t=3, c=4, d=2)
     cases = {

@@ -21,17 +21,12 @@ from jax.sharding import PartitionSpec as P
 import einmix_jax as em
 from einmix_jax.nnx import EinMix
 
+from .cases import CASES, LOGICAL_CASES, Case, normal
 from .reference import reference_einmix
-from .test_core import CASES, Case
-from .test_linen import LOGICAL_CASES
-
-
-def _x(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def _random_params(layer: em.EinMix, seed: int = 1) -> dict[str, np.ndarray]:
-    return {k: _x(s, seed=seed + i) for i, (k, s) in enumerate(layer.param_shapes.items())}
+    return {k: normal(s, seed=seed + i) for i, (k, s) in enumerate(layer.param_shapes.items())}
 
 
 def _module(case: Case, rngs: nnx.Rngs | None = None, **options) -> EinMix:
@@ -58,7 +53,7 @@ def test_equals_functional_and_reference(case: Case):
     params = _random_params(core)
     module.set_params(params)
 
-    x = _x(case.x_shape)
+    x = normal(case.x_shape)
     y = module(x)
     np.testing.assert_allclose(y, core(params, x), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(y, case.reference(params, x), rtol=1e-5, atol=1e-5)
@@ -135,7 +130,7 @@ def test_get_and_set_params_round_trip():
         np.testing.assert_array_equal(got[k], params[k])
     # the same dict as Flax's own conversion of the state
     jax.tree.map(np.testing.assert_array_equal, nnx.state(layer).to_pure_dict(), got)
-    x = _x((4, 6))
+    x = normal((4, 6))
     np.testing.assert_allclose(layer(x), core(params, x), rtol=1e-6, atol=1e-6)
 
     with pytest.raises(einops.EinopsError, match=re.escape("params['weight'] has shape (3, 2)")):
@@ -146,7 +141,7 @@ def test_get_and_set_params_round_trip():
 
 def test_split_merge_state_update_round_trip():
     layer = EinMix("b c -> b d", bias_shape="d", c=4, d=3, rngs=nnx.Rngs(0))
-    x = _x((2, 4))
+    x = normal((2, 4))
     graphdef, state = nnx.split(layer)
     merged = nnx.merge(graphdef, state)
     assert merged.functional == layer.functional
@@ -160,7 +155,7 @@ def test_split_merge_state_update_round_trip():
 
 def test_jit_and_grad():
     layer = EinMix("b t (h c) -> b t (h d)", bias_shape="h d", h=2, c=2, d=3, rngs=nnx.Rngs(0))
-    x = _x((2, 3, 4))
+    x = normal((2, 3, 4))
 
     @nnx.jit
     def forward(module, x):
@@ -193,7 +188,7 @@ def test_vmap_creates_stacked_layers_and_applies_them():
     assert jax.tree.map(jnp.shape, params) == {"weight": (3, 4, 4), "bias": (3, 4)}
     assert not np.array_equal(params["weight"][0], params["weight"][1])  # one draw per layer
 
-    x = _x((3, 2, 4))  # one batch per member
+    x = normal((3, 2, 4))  # one batch per member
 
     @nnx.vmap(in_axes=(0, 0))
     def each(module, x):
@@ -208,7 +203,7 @@ def test_vmap_creates_stacked_layers_and_applies_them():
 
 def test_vmap_over_the_batch_with_shared_params():
     layer = EinMix("t c -> t d", bias_shape="d", c=4, d=3, rngs=nnx.Rngs(0))
-    x = _x((5, 2, 4))  # 5 sequences of 2 tokens
+    x = normal((5, 2, 4))  # 5 sequences of 2 tokens
 
     @nnx.vmap(in_axes=(None, 0))
     def per_sequence(module, x):
@@ -226,7 +221,7 @@ def test_vmap_over_the_batch_with_shared_params():
 
 def test_scan_over_stacked_layers():
     stack = _stack(3, seed=1)
-    x = _x((2, 4))
+    x = normal((2, 4))
 
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
     def run(x, module):
@@ -279,7 +274,7 @@ def test_dot_general_and_dtype_options():
 
     plain = EinMix("b c -> b d", c=4, d=3, rngs=nnx.Rngs(0))
     hooked = EinMix("b c -> b d", c=4, d=3, dot_general=doubled, rngs=nnx.Rngs(0))
-    x = _x((2, 4))
+    x = normal((2, 4))
     np.testing.assert_allclose(hooked(x), 2 * plain(x), rtol=1e-6, atol=1e-6)
     assert calls
 
@@ -321,7 +316,7 @@ class _NnxMLP(nnx.Module):
 
 
 def test_linen_params_copied_into_nnx_give_equal_outputs():
-    x = _x((2, 3, 5))
+    x = normal((2, 3, 5))
     variables = _LinenMLP().init(jax.random.key(7), x)
     model = _NnxMLP(nnx.Rngs(0))
     model.first.set_params(variables["params"]["EinMix_0"])
@@ -375,7 +370,7 @@ def test_logical_axes_give_params_sharding_names(name):
     # the same values and outputs as without metadata, and as the core with the same params
     plain = make()
     assert plain.logical_axes is None
-    x = _x(x_shape)
+    x = normal(x_shape)
     jax.tree.map(np.testing.assert_array_equal, layer.get_params(), plain.get_params())
     np.testing.assert_array_equal(layer(x), plain(x))
     np.testing.assert_allclose(
@@ -413,7 +408,7 @@ def test_logical_axes_place_params_under_a_mesh_and_survive_split_merge_and_jit(
     assert merged.logical_axes == layer.logical_axes
     specs = nnx.get_partition_spec(nnx.state(merged)).to_pure_dict()
     assert specs == {"weight": P("heads", "embed", "d"), "bias": P("heads", "d")}
-    x = _x((4, 6))
+    x = normal((4, 6))
     expected = layer.functional(layer.get_params(), x)
     with jax.set_mesh(mesh):
         got = nnx.jit(lambda m, x: m(x))(merged, x)
@@ -431,7 +426,7 @@ def test_params_in_any_mapping():
     from flax.core import FrozenDict
 
     layer = EinMix("b c -> b d", bias_shape="d", c=4, d=3, rngs=nnx.Rngs(0))
-    x = _x((2, 4))
+    x = normal((2, 4))
     params = layer.get_params()
     expected = reference_einmix(
         "b c -> b d", "c d", "d", x, params["weight"], params["bias"], {"c": 4, "d": 3}
@@ -454,7 +449,7 @@ def test_weight_and_bias_shape_positional_as_in_einops_torch_layer():
 def test_any_axis_name_through_sizes(name):
     layer = EinMix(f"b c -> b {name}", sizes={name: 4}, c=3, rngs=nnx.Rngs(0))
     assert layer.weight.shape == (3, 4)
-    x = _x((2, 3))
+    x = normal((2, 3))
     expected = reference_einmix(
         "b c -> b d", "c d", None, x, layer.weight[...], None, {"c": 3, "d": 4}
     )

@@ -95,10 +95,6 @@ def test_param_sizes_from_input(pattern, weight_shape, bias_shape, axes, x_shape
 # --- the error table ----------------------------------------------------------------------
 
 
-def _x(shape: tuple[int, ...]) -> np.ndarray:
-    return np.ones(shape, np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class Bad:
     """``em.init(pattern, key, **kwargs)``; then, if ``x_shape`` is set, ``apply(edit(params), x)``."""
@@ -366,9 +362,9 @@ def test_errors(bad: Bad):
         if bad.edit is not None:
             params = bad.edit(params)
         with pytest.raises(einops.EinopsError, match=bad.match) as info:
-            jax.jit(apply)(params, _x(bad.x_shape))
+            jax.jit(apply)(params, np.ones(bad.x_shape, np.float32))
         with pytest.raises(einops.EinopsError, match=bad.match):
-            apply(params, _x(bad.x_shape))
+            apply(params, np.ones(bad.x_shape, np.float32))
     assert isinstance(info.value, em.EinMixError)
     if isinstance(bad.pattern, str) and bad.x_shape is not None:
         assert f"pattern {bad.pattern!r}" in str(info.value)
@@ -389,7 +385,7 @@ def test_weight_init_returning_a_list_is_read_as_an_array():
 def test_bad_params_at_apply_name_the_entry():
     apply = em.layer("b c -> b d", c=2, d=2)
     with pytest.raises(em.EinMixError, match=r"params\['weight'\] must be an array of numbers"):
-        apply({"weight": [[1.0, None], [2.0, 3.0]]}, _x((1, 2)))
+        apply({"weight": [[1.0, None], [2.0, 3.0]]}, np.ones((1, 2), np.float32))
 
 
 def test_init_bias_without_a_bias():

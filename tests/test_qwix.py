@@ -21,7 +21,7 @@ from flax import nnx
 
 import einmix_jax as em
 
-from .test_core import Case
+from .cases import Case, jax_normal
 
 qwix = pytest.importorskip("qwix")
 
@@ -83,12 +83,8 @@ def _standard_promotion():
 RULES = [qwix.QtRule(module_path=".*", weight_qtype="int8", act_qtype="int8")]
 
 
-def _x(shape: tuple[int, ...], seed: int = 1) -> jax.Array:
-    return jax.random.normal(jax.random.key(seed), shape)
-
-
 def _variables(kind: Kind) -> dict:
-    return kind.linen().init(jax.random.key(0), _x(kind.x_shape))
+    return kind.linen().init(jax.random.key(0), jax_normal(kind.x_shape))
 
 
 def _maybe_jit(f, jit: bool):
@@ -133,7 +129,7 @@ def _dense_variables(params: dict) -> dict:
 def test_qat_linen_rounds_like_int8_and_grads_reach_the_weight(name: str, jit: bool):
     kind = KINDS[name]
     model = _Wrap(kind)
-    x = _x(kind.x_shape)
+    x = jax_normal(kind.x_shape)
     variables = {"params": {"EinMix_0": _variables(kind)["params"]}}
     # a float call first: it must leave no cached float contraction behind
     y = np.asarray(_maybe_jit(model.apply, jit)(variables, x))
@@ -151,7 +147,7 @@ def test_qat_linen_rounds_like_int8_and_grads_reach_the_weight(name: str, jit: b
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_qat_linen_linear_equals_the_dense_control(jit: bool):
     kind = KINDS["linear"]
-    x = _x(kind.x_shape)
+    x = jax_normal(kind.x_shape)
     variables = {"params": {"EinMix_0": _variables(kind)["params"]}}
     ours = qwix.quantize_model(_Wrap(kind), qwix.QtProvider(RULES))
     control = qwix.quantize_model(_Dense(), qwix.QtProvider(RULES))
@@ -193,7 +189,7 @@ def _check_int8(stored, weight: np.ndarray, contracted: tuple[int, ...]) -> None
 def test_ptq_linen_stores_int8_weights_and_keeps_the_result(name: str):
     kind = KINDS[name]
     model = _Wrap(kind)
-    x = _x(kind.x_shape)
+    x = jax_normal(kind.x_shape)
     variables = {"params": {"EinMix_0": _variables(kind)["params"]}}
     ptq = qwix.quantize_model(model, qwix.PtqProvider(RULES))
     abstract = jax.eval_shape(ptq.init, jax.random.key(0), x)
@@ -208,7 +204,7 @@ def test_ptq_linen_stores_int8_weights_and_keeps_the_result(name: str):
 
 def test_ptq_linen_linear_equals_the_dense_control():
     kind = KINDS["linear"]
-    x = _x(kind.x_shape)
+    x = jax_normal(kind.x_shape)
     params = _variables(kind)["params"]
     results = []
     for module, variables in (
@@ -262,7 +258,7 @@ def _lora_weight(name: str, p: dict) -> np.ndarray:
 @pytest.mark.parametrize("name", list(KINDS))
 def test_lora_linen_factors_for_every_weight_and_the_lora_formula(name: str):
     kind = KINDS[name]
-    x = _x(kind.x_shape)
+    x = jax_normal(kind.x_shape)
     lora = qwix.apply_lora_to_model(_Wrap(kind), _lora_provider())
     params = lora.init(jax.random.key(0), x)["params"]["EinMix_0"]
     shapes = {k: tuple(v.shape) for k, v in params.items() if "lora" in k}
@@ -276,7 +272,7 @@ def test_lora_linen_factors_for_every_weight_and_the_lora_formula(name: str):
 
 def test_lora_linen_fine_tuning_trains_only_the_factors():
     kind = KINDS["linear"]
-    x = _x((64, 3, 8))
+    x = jax_normal((64, 3, 8))
     lora = qwix.apply_lora_to_model(_Wrap(kind), _lora_provider())
     params = lora.init(jax.random.key(0), x)["params"]
     base = params["EinMix_0"]
@@ -331,7 +327,7 @@ def _nnx_linear_control(layer: em.nnx.EinMix) -> _NnxWrap:
 @pytest.mark.parametrize("name", list(KINDS))
 def test_qat_nnx(name: str):
     kind = KINDS[name]
-    x = _x(kind.x_shape)
+    x = jax_normal(kind.x_shape)
     model = _NnxWrap(kind.nnx())
     y = np.asarray(model(x))
     np.testing.assert_allclose(y, kind.reference(model.layer.get_params(), x), rtol=1e-5, atol=1e-5)
@@ -350,7 +346,7 @@ def test_qat_nnx(name: str):
 @pytest.mark.parametrize("name", list(KINDS))
 def test_ptq_nnx(name: str):
     kind = KINDS[name]
-    x = _x(kind.x_shape)
+    x = jax_normal(kind.x_shape)
     layer = kind.nnx()
     weight = np.asarray(layer.weight[...])
     y = np.asarray(layer(x))
@@ -367,7 +363,7 @@ def test_ptq_nnx(name: str):
 @pytest.mark.parametrize("name", list(KINDS))
 def test_lora_nnx(name: str):
     kind = KINDS[name]
-    x = _x(kind.x_shape)
+    x = jax_normal(kind.x_shape)
     lora = qwix.apply_lora_to_model(_NnxWrap(kind.nnx()), _lora_provider(), x, rngs=nnx.Rngs(1))
     layer = lora.layer
     shapes = (tuple(layer.weight_lora_a.shape), tuple(layer.weight_lora_b.shape))
@@ -391,7 +387,7 @@ def test_lora_nnx(name: str):
 
 @pytest.mark.parametrize("provider", ["qat", "ptq", "lora"])
 def test_channelwise_scale_runs_under_every_provider(provider: str):
-    x = _x(SCALE.x_shape)
+    x = jax_normal(SCALE.x_shape)
     model = _Wrap(SCALE)
     variables = {"params": {"EinMix_0": _variables(SCALE)["params"]}}
     y = np.asarray(model.apply(variables, x))

@@ -31,6 +31,17 @@ def make_mesh(shape: tuple[int, ...], names: tuple[str, ...], axis_type: AxisTyp
     return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
 
 
+def local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:
+    """The shape of one device's block of an array of ``shape`` split by ``spec``, computed from
+    the spec and the mesh sizes alone."""
+    entries = [*spec, *[None] * (len(shape) - len(spec))]
+    out = []
+    for length, entry in zip(shape, entries, strict=True):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        out.append(length // math.prod(mesh.shape[n] for n in names))
+    return tuple(out)
+
+
 def mlp(rules: dict | None = None) -> tuple[em.EinMix, em.EinMix]:
     """A 2-layer MLP, Megatron-shaped: ``c -> f`` then ``f -> c``, each with a bias."""
     up = em.layer("b t c -> b t f", bias_shape="f", c=4, f=16)

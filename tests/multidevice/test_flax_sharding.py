@@ -6,7 +6,6 @@ one-device run."""
 from __future__ import annotations
 
 import functools
-import math
 
 import chex
 import flax.linen as nn
@@ -21,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import einmix_jax as em
 
-from .common import make_mesh
+from .common import local_shape, make_mesh
 
 LOGICAL = {"c": "embed", "f": "mlp"}
 SIZES = {"c": 4, "f": 16}
@@ -107,21 +106,11 @@ def _batch(mesh, rules, x):
     return jax.device_put(x, NamedSharding(mesh, P(dict(rules).get("batch"))))
 
 
-def _local_shape(shape, spec, mesh):
-    """One device's block of an array of ``shape`` split by ``spec``, from the mesh sizes alone."""
-    entries = [*spec, *[None] * (len(shape) - len(spec))]
-    out = []
-    for length, entry in zip(shape, entries, strict=True):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
-        out.append(length // math.prod(mesh.shape[a] for a in axes))
-    return tuple(out)
-
-
 def _check_placed(value: jax.Array, mesh, spec: P) -> None:
     """``value`` is split as ``spec`` says: each device holds only its block."""
     assert value.sharding.is_equivalent_to(NamedSharding(mesh, spec), value.ndim), value.sharding
     assert {s.data.shape for s in value.addressable_shards} == {
-        _local_shape(value.shape, spec, mesh)
+        local_shape(value.shape, spec, mesh)
     }
 
 

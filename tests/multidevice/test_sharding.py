@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import chex
 import flax.linen as nn
@@ -21,6 +20,7 @@ from .common import (
     MESHES,
     batch_sharding,
     collectives,
+    local_shape,
     make_mesh,
     mlp,
     mlp_forward,
@@ -28,16 +28,6 @@ from .common import (
 )
 
 AXIS_TYPES = [AxisType.Auto, AxisType.Explicit]
-
-
-def _local_shape(shape: tuple[int, ...], spec: P, mesh) -> tuple[int, ...]:
-    """The shape of one device's block, computed from the spec and the mesh sizes alone."""
-    entries = [*spec, *[None] * (len(shape) - len(spec))]
-    out = []
-    for length, entry in zip(shape, entries, strict=True):
-        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-        out.append(length // math.prod(mesh.shape[n] for n in names))
-    return tuple(out)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +43,7 @@ def test_init_creates_params_sharded(mesh_shape, names, rules, axis_type):
         expected = layer.init(jax.random.key(1))  # the same draw, on one device
         for name, value in params.items():
             assert value.sharding == shardings[name]
-            local = _local_shape(value.shape, shardings[name].spec, mesh)
+            local = local_shape(value.shape, shardings[name].spec, mesh)
             assert {s.data.shape for s in value.addressable_shards} == {local}
             # the sharded draw is another program: equal up to float rounding
             np.testing.assert_allclose(

@@ -1,10 +1,10 @@
-"""Regression tests for two sharding defects on Explicit and mixed Auto+Explicit meshes (issue 10).
+"""Outputs on Explicit meshes and on meshes mixing Auto and Explicit axes.
 
-1. On an Explicit mesh the output spec derived from the input's sharding credited an input
-   group's mesh axes to the group's first axis without checking they divide it: a valid call
-   crashed in JAX with "does not evenly divide the dimension size".
-2. On a mesh mixing Auto and Explicit axes, ``with_out_sharding``'s rules for the Auto axes were
-   dropped.
+1. On an Explicit mesh the output's spec follows the input's: a group's mesh axes go to the
+   group's first axis only where they divide it (else the call would fail in JAX with "does not
+   evenly divide the dimension size"), and a tuple entry credits the prefix that divides.
+2. On a mesh mixing Auto and Explicit axes, ``with_out_sharding``'s rules (or partition spec)
+   constrain the Auto axes as well as the Explicit ones, also under jit and in the gradient.
 
 Values are checked against the same layer run on one device, unsharded (numpy arrays in, no mesh).
 """
