@@ -319,7 +319,7 @@ def _from_einops(variables: Mapping[str, Any], layer: Any, x: Any) -> dict[str, 
 
         params = variables["params"]
         for path, found in _modules(layer, x, EinopsEinMix):
-            params = _at(params, path, lambda p, found=found: _from_einops(p, found, None))
+            params = _at(params, path, functools.partial(_from_einops, layer=found, x=None))
         return {**variables, "params": params}
     sizes = getattr(layer, "sizes", None) or {}
     core = _core.layer(layer.pattern, layer.weight_shape, layer.bias_shape, sizes=dict(sizes))
