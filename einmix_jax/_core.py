@@ -76,8 +76,7 @@ class _Weak:
     __slots__ = ("__weakref__", "hash", "ref")
 
     def __init__(self, obj: Any) -> None:
-        is_method = hasattr(obj, "__self__") and hasattr(obj, "__func__")
-        self.ref = (weakref.WeakMethod if is_method else weakref.ref)(obj)
+        self.ref = _weak_ref(obj)
         self.hash = hash(obj)
 
     def __eq__(self, other: object) -> bool:
@@ -638,10 +637,16 @@ def _ref(hook: DotGeneral | None) -> Callable[[], DotGeneral | None]:
     if hook is None:
         return lambda: None
     try:
-        is_method = hasattr(hook, "__self__") and hasattr(hook, "__func__")
-        return (weakref.WeakMethod if is_method else weakref.ref)(hook)
+        return _weak_ref(hook)
     except TypeError:  # e.g. a builtin: nothing it could capture
         return lambda: hook
+
+
+def _weak_ref(obj: Any) -> Callable[[], Any]:
+    """A weak reference to ``obj`` (a ``WeakMethod`` for a bound method, which would die at
+    once); ``TypeError`` where ``obj`` cannot be held weakly."""
+    is_method = hasattr(obj, "__self__") and hasattr(obj, "__func__")
+    return (weakref.WeakMethod if is_method else weakref.ref)(obj)
 
 
 #: the ``jax.jit`` function of each :class:`_Computation` applied (see :data:`COMPILED_APPLIES`)
