@@ -16,15 +16,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._core import EinMix, init, layer
-from ._describe import describe
+from . import planning
+from ._describe import Description, describe
 from ._errors import EinMixError
 from ._init import Initializer
+from ._layer import EinMix, init, layer
 from ._measure import measured_planning
 from ._shard import param_axes, param_shardings, param_specs, with_out_sharding
 
 __version__ = "0.1.0"
 __all__ = [
+    "Description",
     "EinMix",
     "EinMixError",
     "Initializer",
@@ -36,6 +38,7 @@ __all__ = [
     "param_axes",
     "param_shardings",
     "param_specs",
+    "planning",
     "with_out_sharding",
 ]
 

@@ -6,37 +6,6 @@ from collections.abc import Iterable
 
 from einops import EinopsError
 
-#: Keyword options of the layer constructors; an axis of one of these names goes in ``sizes=``.
-OPTION_NAMES = frozenset(
-    {
-        "plan",
-        "weight_shape",
-        "bias_shape",
-        "sizes",
-        "param_dtype",
-        "dtype",
-        "precision",
-        "preferred_element_type",
-        "weight_init",
-        "bias_init",
-        "dot_general",
-        "dot_general_cls",
-        "out_sharding",
-        "logical_axes",
-        "rngs",
-    }
-)
-
-
-def pass_length(axis: str) -> str:
-    """How to pass the length of ``axis``: as a keyword, or in ``sizes`` if it is an option name.
-
-    Example:
-        >>> pass_length('d'), pass_length('dtype')
-        ('d=...', "sizes={'dtype': ...}")
-    """
-    return f"sizes={{{axis!r}: ...}}" if axis in OPTION_NAMES else f"{axis}=..."
-
 
 class EinMixError(EinopsError):
     """Raised for an invalid EinMix configuration, input or parameter.

@@ -1,8 +1,11 @@
-"""Planning: for a plan and an input shape, decide how ``apply`` runs (the lowering).
+"""Planning: for a plan, an input shape and a backend profile, decide how ``apply`` runs.
 
-This is the one place that decides the contraction. The result, a ``Lowering``, is a list of
-shape-only steps (reshape, sum, transpose, broadcast, one ``lax.dot_general``, bias add) that
-``_core`` executes verbatim. Axes are integer ids from here on, so there is no limit on their number.
+This is the one place that decides the contraction. The result, a :class:`~._lowering.Lowering`,
+is a list of shape-only steps (reshape, sum, transpose, pack, broadcast, copy, one
+``lax.dot_general`` or a loop of them, bias add) that ``_execute.execute`` runs and ``describe``
+prints. Axes are integer ids from here on, so there is no limit on their number. What a backend
+costs and which forms it has come from a :class:`~._profile.Profile`, passed in (default: the
+one in use, :func:`einmix_jax.planning.profile`) and part of every cached decision's key.
 
 The rule. Every axis of the flattened input ``x``, weight ``w`` and output falls in one class:
 
@@ -22,69 +25,53 @@ The candidates. Let ``O`` be the leading run of x's axes before its first contra
 and ``F`` axes). For every split ``O = outer + rest`` (``outer`` may be empty) the ``outer`` axes
 stay in front, in x's order, in x, in the dot result and so in the output:
 
-* an ``F`` axis in ``outer`` is either a loop axis (the leading ``F`` axes of ``outer`` may be
-  iterated over with ``lax.map``, one GEMM per slice, no transpose) or a batch dimension of the
-  dot along which the weight is broadcast;
+* an ``F`` axis in ``outer`` is either a loop axis (where the profile has loops, the leading
+  ``F`` axes of ``outer`` may be iterated over with ``lax.map``, one GEMM per slice, no
+  transpose) or a batch dimension of the dot along which the weight is broadcast;
 * a ``B`` axis is a batch dimension of the dot (the weight is transposed to put it first);
 * the other axes form the GEMM, either *x first*, ``x -> (D, F, K) @ w -> (D, K, G)`` giving
   ``(D, F, G)``, or *w first*, ``w -> (D, G, K) @ x -> (D, K, F)`` giving ``(D, G, F)``, where ``D``
   are the dot's batch dimensions. The right operand may also be used as ``(D, N, K)`` (the
   dimension numbers say so, nothing moves), so a weight stored ``'d c'`` or an input whose
-  contracted axes come last needs no transpose; the left operand keeps ``K`` last, the layout
-  XLA:CPU's fast GEMM kernels take without a copy (a transposed weight on the left is written
-  out before the dot, ``Lowering.w_copy``, or XLA would fold the transpose back into it).
+  contracted axes come last needs no transpose; the left operand keeps ``K`` last (where the
+  profile asks for it, a transposed weight on the left is written out before the dot: a copy
+  step).
 
 ``outer = []`` gives the two plain forms. The bias is added to the dot result before it is
 transposed to the output order, so the add fuses into that transpose and the bias gradient is
 summed from the output gradient in the layout the backward dots use anyway.
 
-Block-diagonal packing. A grouped layer (a batch axis ``g`` in x, the weight and the output) whose
-per-group GEMM is narrow (fewer than ``PACK_BELOW`` contracted or weight-only elements) is also
-tried with its ``k`` groups packed into one block-diagonal weight (:func:`_packed`): ``k`` times
-the FLOPs, but one GEMM at the machine's rate instead of a batch of tiny ones. The packed
-weight is built inside the jitted function from the weight as declared, so its gradient flows
-back to the declared params; ``describe`` shows the packing step. Not on several devices,
-where the group axis may be sharded (a packing merges it with others).
+Block-diagonal packing. Where the profile has packings, a grouped layer (a batch axis ``g`` in
+x, the weight and the output) whose per-group GEMM is narrow (fewer than ``pack_below``
+contracted or weight-only elements) is also tried with its ``k`` groups packed into one
+block-diagonal weight (:func:`_packed`): ``k`` times the FLOPs, but one GEMM at the machine's rate
+instead of a batch of tiny ones. The packed weight is built inside the jitted function from the
+weight as declared, so its gradient flows back to the declared params.
 
 The cost: predicted seconds. A candidate's forward and backward passes are counted term by term
-(:data:`TERMS`, :func:`_terms`): the FLOPs of its dots (the backward pass has two, for the
-gradients of x and of the weight); the elements each dot reads and writes, per matrix of a
-batched dot (a batch of tiny GEMMs, or a matrix-vector product, is bound by these, not by its
-FLOPs); the number of matrices (the per-GEMM overhead); the elements a transpose, a weight
-broadcast (forward: the copy; backward: the sum of the per-slice weight gradients) or a packing
-moves, mirrored in the backward pass; the elements a loop copies in and out (and, backward, the
-weight gradient it accumulates per iteration); the loop's iterations; and, for a dot with one
-row and no batch dimension, the weight gradient that XLA:CPU writes transposed and then copies
-(a unit batch dimension avoids it). Each count is exact;
-the seconds per unit (:data:`SECONDS`) are fitted by ``benchmarks/calibrate.py`` to the measured
-forward and forward+backward times of every candidate of the regret benchmark's corpus. The
-planner takes the candidate with the lowest predicted regret, the larger of its predicted
-forward time over the fastest candidate's and the same for forward+backward, so that neither
-inference nor training pays for the other; a loop must win by ``LOOP_MARGIN`` (it compiles two to
-three times slower). Ties go to the first (no outer axes, x first, no operand used as
-``(D, N, K)``).
+(:data:`~._profile.TERMS`, :func:`_terms`): the FLOPs of its dots (the backward pass has two, for
+the gradients of x and of the weight); the elements each dot reads and writes, per matrix of a
+batched dot; the number of matrices; the elements a transpose, a weight broadcast (forward: the
+copy; backward: the sum of the per-slice weight gradients) or a packing moves, mirrored in the
+backward pass; the elements a loop copies in and out (and, backward, the weight gradient it
+accumulates per iteration); the loop's iterations; and, where the profile says so, the transposed
+weight gradient of a dot with one row and no batch dimension. Each count is exact; the seconds
+per unit come from the profile. The planner takes the candidate with the lowest predicted regret
+(:func:`regrets`), so that neither inference nor training pays for the other. Ties go to the
+first (no outer axes, x first, no operand used as ``(D, N, K)``).
 
 Typical results: a plain linear layer is one 2-d GEMM between free reshapes; multi-head
-``'b t (h c) -> b t (h d)'`` moves rows of ``c`` to ``(h, b t, c)`` and back (x first: the moved
-rows are contiguous and the GEMM's long side is ``b t``); token mixing ``'b t c -> b u c'`` keeps
-``b`` outer and runs ``(u, t) @ (t, c)`` per ``b``, with no transpose of x or of the output;
-patch embedding transposes x once to ``(b h w, ph pw c)``, keeping the contracted axes in memory
-order so the weight is used as stored.
+``'b t (h c) -> b t (h d)'`` moves rows of ``c`` to ``(h, b t, c)`` and back; token mixing
+``'b t c -> b u c'`` keeps ``b`` outer and runs ``(u, t) @ (t, c)`` per ``b``, with no transpose of
+x or of the output; patch embedding transposes x once to ``(b h w, ph pw c)``, keeping the
+contracted axes in memory order so the weight is used as stored.
 
 The Flax layers' form. Under the Flax layers (``lower(..., stored_weight=True)``) there is one
 candidate, with no cost to compare: the weight is the right operand of ``jax.lax.dot_general``
 exactly as stored, with N-d dimension numbers, and only x and the result move (see
 :func:`_stored_weight_order`). Tools that intercept the contraction while a module is traced
 (qwix's quantization and LoRA) need that; the functional ``apply``, which no such tool sees, keeps
-every candidate. The stored-weight form matches the costed choice wherever that choice leaves the
-weight alone (linear, multi-head, patch embedding, q/k/v, merge heads, summed axes); where the
-costed choice loops or puts the weight first (token mixing, channels-first) it moves x and the
-output once more, as einops' own layer does.
-
-Loops are only considered when ``lower(..., loops=True)``; by default that is on a single
-XLA:CPU device, where a loop of 2-d GEMMs can beat a batched GEMM with a broadcast weight (whose
-backward pass sums the per-slice weight gradients in one slow fused kernel). On accelerators and
-on several devices (where the outer axis may be sharded) the broadcast form is used instead.
+every candidate.
 """
 
 from __future__ import annotations
@@ -94,77 +81,16 @@ import functools
 import itertools
 import math
 
-import jax
+from ._lowering import DimensionNumbers, Lowering, Parts, Perm, assemble, label
+from ._parse import Plan, expand_groups, resolve_sizes
+from ._profile import TERMS, Profile, profile
 
-from ._parse import ELLIPSIS, Plan, read_sizes
+__all__ = ["TERMS", "Choice", "Lowering", "build", "candidates", "choose", "lower", "terms"]
 
-Perm = tuple[int, ...] | None  # None: no transpose
-DimensionNumbers = tuple[
-    tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]
-]
-
-
-@dataclasses.dataclass(frozen=True)
-class Lowering:
-    """Shape-only steps that compute one EinMix for one input shape (see the module docstring)."""
-
-    x_flat_shape: tuple[int, ...]  #: input with groups split, unit axes dropped
-    sum_axes: tuple[int, ...]  #: axes of the flat input summed before the dot
-    x_perm: Perm
-    x_dot_shape: tuple[int, ...]
-    w_perm: Perm
-    w_dot_shape: tuple[int, ...]
-    #: broadcast batch: reshape the weight to the first shape (unit axes), broadcast to the second
-    w_broadcast: tuple[tuple[int, ...], tuple[int, ...]] | None
-    #: block-diagonal packing (before ``w_perm``): add a dimension to the weight at the second
-    #: (the new ``g.k'``) and multiply by the identity reshaped to the first
-    w_pack: tuple[tuple[int, ...], int] | None
-    x_first: bool  #: x is the dot's left operand (else the weight is)
-    dimension_numbers: DimensionNumbers
-    y_split_shape: tuple[int, ...]  #: dot result (stacked over the loop) with merged dims split
-    y_perm: Perm  #: to the flat output order
-    out_flat_shape: tuple[int, ...]  #: the output with groups split
-    bias_perm: Perm
-    #: the bias is added to the split dot result (``y_split_shape``), before ``y_perm``: to its
-    #: axes in that order, reshaped with unit lengths for the others
-    bias_shape: tuple[int, ...] | None
-    #: the dot result and the bias on the coarsest common view, where the bias is added
-    bias_view: tuple[tuple[int, ...], tuple[int, ...]] | None
-    out_shape: tuple[int, ...]
-    #: 'x first', 'w first', 'broadcast batch', 'loop', 'block-diagonal' or 'weight as stored'
-    strategy: str
-    #: x_dot_shape's first dimension is iterated over (``lax.map``); ``dimension_numbers`` and
-    #: ``w_dot_shape`` are those of one iteration, whose results are stacked in front
-    loop: bool
-    #: the weight is the left operand and transposed: its transpose is written out before the
-    #: dot (XLA:CPU would fold it into the dot, which it then runs outside its fast GEMM path)
-    w_copy: bool
-    #: x, w, out axis names, for describe(); not compared: lowerings that differ only in names
-    #: compute the same thing (and share one compiled apply)
-    flat_axes: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = dataclasses.field(
-        compare=False
-    )
-
-
-#: A loop copies each slice of x in and each slice of the result out (``dynamic_slice`` and
-#: ``dynamic_update_slice``): contiguous, cache-resident copies, costed at this fraction of moving
-#: x and the output once ...
-LOOP_COPY_FRACTION = 1 / 3
-#: ... plus this many elements per iteration (loop overhead, smaller GEMMs).
-LOOP_STEP_COST = 1 << 12
 #: The length a symbolic dimension (``jax.export.symbolic_shape``) counts as when costs are
 #: compared: large, so the decision for a symbolic batch is the one for a big batch, and the same
 #: every time.
 SYMBOLIC_LENGTH = 1 << 16
-#: A loop pays off only when each iteration is a full-size GEMM: one whose x side has at least
-#: this many rows. Fewer (per-head projections looped over their rows; channels-first layers of
-#: 4x4 or 7x7 pixels looped over the batch, 2x and 1.3x slower than einops' layer on the regret
-#: corpus) make every iteration a small GEMM or a batch of matrix-vector products, far below the
-#: machine's GEMM rate, which the costs above (elements moved) cannot see.
-LOOP_MIN_ROWS = 64
-#: A weight broadcast is paid twice: the broadcast copy, and the per-slice weight gradient that
-#: the backward pass writes and then sums.
-BROADCAST_PASSES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,46 +107,16 @@ class _Candidate:
     w_blocks: list[list[str]]
     pack: tuple[str, int] | None = None  #: (batch axis, k): see :func:`_packed`
 
-
-def _loops_pay_off() -> bool:
-    """Loops can beat batched dots only on XLA:CPU, and would fight a sharded batch axis."""
-    return jax.default_backend() == "cpu" and jax.device_count() == 1
-
-
-def _copies_pay_off() -> bool:
-    """XLA:CPU runs a dot whose left operand is contracted along a leading dimension outside its
-    fast GEMM path (1.4x slower forward for a mix along x's first axis, x (227, 128, 1024))."""
-    return jax.default_backend() == "cpu"
-
-
-def resolve_sizes(plan: Plan, x_shape: tuple[int, ...]) -> tuple[dict[str, int], int]:
-    """Read every axis length off the plan and the input shape; return them and the ellipsis rank.
-
-    The axes ``...`` stands for are named ``'...0'``, ``'...1'``, ... (see :func:`expand_groups`).
-
-    Example:
-        >>> from ._parse import parse
-        >>> plan = parse('(b t) c -> b t d', 'c d', None, (('t', 3), ('c', 4), ('d', 2)))
-        >>> resolve_sizes(plan, (6, 4))
-        ({'t': 3, 'c': 4, 'd': 2, 'b': 2}, 0)
-    """
-    sizes, n_ellipsis = read_sizes(plan.left, plan.sizes, x_shape, plan.context())
-    if n_ellipsis:
-        start = plan.left.index(ELLIPSIS)
-        sizes.update((f"...{i}", x_shape[start + i]) for i in range(n_ellipsis))
-    return sizes, n_ellipsis
-
-
-def expand_groups(groups: tuple, n_ellipsis: int) -> list[tuple[str, ...]]:
-    """Groups with '...' replaced by its axes; a bare '...' becomes one group per axis."""
-    names = tuple(f"...{i}" for i in range(n_ellipsis))
-    out: list[tuple[str, ...]] = []
-    for g in groups:
-        if g == ELLIPSIS:
-            out.extend((n,) for n in names)
-        else:
-            out.append(tuple(n for a in g for n in (names if a == ELLIPSIS else (a,))))
-    return out
+    @property
+    def kind(self) -> str:
+        """'loop', 'block-diagonal', 'broadcast batch', 'x first' or 'w first'."""
+        if self.loop:
+            return "loop"
+        if self.pack:
+            return "block-diagonal"
+        if self.bcast:
+            return "broadcast batch"
+        return "x first" if self.x_first else "w first"
 
 
 def _perm(src: list[str], dst: list[str], sizes: dict[str, int]) -> Perm:
@@ -285,22 +181,16 @@ def _classify(plan: Plan, x_shape: tuple[int, ...]) -> _Axes:
     )
 
 
-#: Grouped layers are also tried with their ``k`` groups packed into one block-diagonal weight
-#: when a group's GEMM is narrower than this (in contracted or weight-only elements): the packed
-#: GEMM does k times the FLOPs, but a batch of tiny GEMMs runs far below the machine's GEMM rate.
-PACK_BELOW = 32
-
-
-def _packings(ax: _Axes) -> list[tuple[str, int]]:
+def _packings(ax: _Axes, pack_below: int) -> list[tuple[str, int]]:
     """(batch axis, k) for every block-diagonal packing worth costing (see :func:`_packed`).
 
     When the per-group GEMM is narrow (but more than a scale or a sum: at least 2 contracted and
     2 weight-only elements), each batch axis of known length with all its groups in one GEMM.
     (Fewer groups per block would keep a batch dimension in front, which costs a transpose of x
-    and of the output; on XLA:CPU those forms ran no faster than the batched GEMM.)
+    and of the output, and ran no faster than the batched GEMM: see benchmarks/REGRET.md.)
     """
     width = min(ax.cost_size(ax.contracted), ax.cost_size(ax.w_free))
-    if width < 2 or width >= PACK_BELOW:  # no GEMM (a scale or a sum per group), or wide
+    if width < 2 or width >= pack_below:  # no GEMM (a scale or a sum per group), or wide
         return []
     return [(g, n) for g in ax.batch if isinstance(n := ax.sizes[g], int) and n >= 2]
 
@@ -347,10 +237,13 @@ def _packed(ax: _Axes, g: str, k: int) -> _Axes:
     )
 
 
-def _enumerate(ax: _Axes, loops: bool, outer_axes: bool = True) -> list[_Candidate]:
+def _enumerate(
+    ax: _Axes, loops: bool, outer_axes: bool = True, loop_min_rows: int = 0
+) -> list[_Candidate]:
     """Every candidate, in tie-breaking order (no outer axes and x first come first), no repeats.
 
-    ``outer_axes=False``: only the forms with no outer axes (those of a packed layer).
+    ``outer_axes=False``: only the forms with no outer axes (those of a packed layer); a loop
+    only where each iteration's GEMM has ``loop_min_rows`` rows on the x side.
     """
     in_w = set(ax.w_axes)
     sizes, x_kept, contracted = ax.sizes, ax.x_kept, ax.contracted
@@ -371,7 +264,7 @@ def _enumerate(ax: _Axes, loops: bool, outer_axes: bool = True) -> list[_Candida
             if loop and bcast:
                 continue  # no weight broadcast inside a loop
             rows = [a for a in ax.x_free if a not in outer]
-            if loop and ax.cost_size(rows) < LOOP_MIN_ROWS:
+            if loop and ax.cost_size(rows) < loop_min_rows:
                 continue  # each iteration would be (a batch of) matrix-vector products
             w_batch = [a for a in dot_batch if a in in_w]
             for x_first, rhs_t in itertools.product((True, False), (False, True)):
@@ -398,59 +291,20 @@ def _enumerate(ax: _Axes, loops: bool, outer_axes: bool = True) -> list[_Candida
     return candidates
 
 
-#: The cost model's terms, each counted in the forward and in the backward pass (see
-#: :func:`_terms`): dot FLOPs; elements a dot reads and writes (its operands and result, per
-#: matrix: what makes a batch of small GEMMs or a matrix-vector product memory-bound); dots (per
-#: matrix of a batched dot: the small-GEMM overhead); elements moved by a transpose, a weight
-#: broadcast (and its gradient's sum) or a block-diagonal packing; elements a loop copies in and
-#: out (and the weight gradient it accumulates); loop iterations; and the elements of x and the
-#: output, which every candidate reads and writes (so absolute times fit).
-TERMS = (
-    "flop",
-    "dot element",
-    "narrow dot element",
-    "dot",
-    "moved element",
-    "loop element",
-    "loop step",
-    "io element",
-)
-
-#: A GEMM whose weight is narrower than this (contracted or weight-only elements per matrix) runs
-#: far below the machine's rate: its elements count again, times how much narrower it is
-#: (a batch of (m, 2) @ (2, 2) GEMMs moves its elements about ten times slower than a wide one).
-NARROW = 16
-
-#: Seconds per unit of each term on XLA:CPU, fitted by ``benchmarks/calibrate.py`` to the
-#: forward and forward+backward times of every candidate of the regret corpus (seed 0, 5 rounds:
-#: 494 timings of 40 layers, on a 2-core Intel Xeon VM).
-SECONDS: dict[str, float] = {
-    "flop": 3.46e-12,
-    "dot element": 1.79e-10,
-    "narrow dot element": 1.67e-10,
-    "dot": 0.0,  # no per-matrix overhead beyond the elements on the machine fitted
-    "moved element": 5.88e-10,
-    "loop element": 6.2e-10,
-    "loop step": 8.92e-06,
-    "io element": 1.15e-10,
-}
-
-#: A loop is taken only when it is predicted this much faster than the best form without one:
-#: ``lax.map`` compiles two to three times slower than one dot.
-LOOP_MARGIN = 0.05
-
-
-def _terms(ax: _Axes, c: _Candidate) -> tuple[dict[str, float], dict[str, float]]:
+def _terms(
+    ax: _Axes, c: _Candidate, p: Profile | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
     """The candidate's count of each of :data:`TERMS` in the forward and in the backward pass.
 
     Example:
         >>> from ._parse import parse
         >>> plan = parse('b t c -> b t d', 'c d', None, (('c', 4), ('d', 3)))
         >>> ax = _classify(plan, (2, 5, 4))
-        >>> fwd, bwd = _terms(ax, _enumerate(ax, loops=False)[0])
+        >>> fwd, bwd = _terms(ax, _enumerate(ax, loops=False)[0], profile('cpu', 1))
         >>> fwd['flop'], bwd['flop'], fwd['dot element'], fwd['moved element']
         (240, 480, 82, 0)
     """
+    p = profile() if p is None else p
     cs, sizes = ax.cost_size, ax.sizes
     outer = set(c.loop) | set(c.dot_batch)
     steps = cs(c.loop) if c.loop else 1
@@ -469,9 +323,10 @@ def _terms(ax: _Axes, c: _Candidate) -> tuple[dict[str, float], dict[str, float]
     # the broadcast copy (forward) and the sum of the per-slice weight gradients (backward);
     # along axes of length 1 it is a reshape
     bcast = d * k * n if c.bcast and cs(c.bcast) > 1 else 0
-    # one row and no batch dimension: XLA makes the weight-gradient dot an outer product, writes
-    # it transposed and copies it (XLA:CPU, 4x slower fwd+bwd than with a unit batch dimension)
-    outer_product = 2 * steps * k * n if m == 1 and not c.dot_batch else 0
+    # one row and no batch dimension: the weight-gradient dot is an outer product, written
+    # transposed and copied (where the profile says so; a unit batch dimension avoids it)
+    one_row = p.one_row_copy and m == 1 and not c.dot_batch
+    outer_product = 2 * steps * k * n if one_row else 0
     pack = w_size if c.pack else 0  # the packed weight written; its gradient masked and summed
     loop_io = x_size + y_size if c.loop else 0
     io = cs(ax.x_axes) + y_size
@@ -479,7 +334,7 @@ def _terms(ax: _Axes, c: _Candidate) -> tuple[dict[str, float], dict[str, float]
     fwd = {
         "flop": 2 * steps * d * m * k * n,
         "dot element": elements,
-        "narrow dot element": elements * max(0.0, NARROW / max(1, min(k, n)) - 1),
+        "narrow dot element": elements * max(0.0, p.narrow / max(1, min(k, n)) - 1),
         "dot": steps * d,
         "moved element": transposes + bcast + pack,
         "loop element": loop_io,
@@ -497,10 +352,6 @@ def _terms(ax: _Axes, c: _Candidate) -> tuple[dict[str, float], dict[str, float]
         "io element": 2 * io,
     }
     return fwd, bwd
-
-
-def _seconds(terms: dict[str, float]) -> float:
-    return sum(SECONDS[t] * terms[t] for t in TERMS)
 
 
 def _label(c: _Candidate, stored_weight: bool = False) -> str:
@@ -526,14 +377,38 @@ class Choice:
     """One candidate lowering the planner considers, with its cost; :func:`build` makes it."""
 
     label: str  #: e.g. 'x first', 'w first, rhs (D,N,K)', 'loop over b', 'broadcast over b'
-    #: the predicted regret: the larger of this candidate's predicted forward time over the
-    #: fastest candidate's, and the same for forward+backward (a loop's times LOOP_MARGIN more);
-    #: the planner takes the first of the lowest
+    #: the predicted regret (:func:`regrets` of the predicted times); the planner takes the
+    #: first of the lowest
     cost: float
     candidate: _Candidate
     stored_weight: bool = False
     fwd: float = 0.0  #: predicted seconds of the forward pass
     fwd_bwd: float = 0.0  #: ... and of the forward and backward passes
+    profile: Profile | None = None  #: the profile it was costed with (None: the one in use)
+
+    @property
+    def kind(self) -> str:
+        """'x first', 'w first', 'broadcast batch', 'loop', 'block-diagonal' or (the Flax
+        layers' form) 'weight as stored'."""
+        return "weight as stored" if self.stored_weight else self.candidate.kind
+
+
+def regrets(times: list[tuple[float, float]], loops: list[bool], loop_margin: float) -> list[float]:
+    """The regret rule, for predicted and measured times alike: each candidate's larger ratio of
+    its forward time to the fastest one's and of its forward+backward time to the fastest one's,
+    so that neither inference nor training pays for the other; a loop's times ``1 + loop_margin``
+    (it compiles two to three times slower than one dot).
+
+    Example:
+        >>> [round(r, 3) for r in regrets([(1.0, 3.0), (0.95, 3.3)], [False, False], 0.05)]
+        [1.053, 1.1]
+    """
+    best_fwd = min(t[0] for t in times) or 1.0
+    best_fb = min(t[1] for t in times) or 1.0
+    return [
+        max(f / best_fwd, fb / best_fb) * (1 + loop_margin if loop else 1)
+        for (f, fb), loop in zip(times, loops, strict=True)
+    ]
 
 
 def candidates(
@@ -543,19 +418,21 @@ def candidates(
     stored_weight: bool = False,
     packs: bool | None = None,
     x_as_given: bool = False,
+    *,
+    profile: Profile | None = None,
 ) -> list[Choice]:
     """Every lowering :func:`lower` chooses from, in its tie-breaking order, with its cost.
 
     ``lower(plan, x_shape, loops, stored_weight, packs)`` is ``build`` of the first cheapest of
     these. With ``stored_weight`` there is one, the Flax layers' form, at cost 1 (with
-    ``x_as_given``, the form they run under an interception tool). ``packs``
-    allows block-diagonal packings; ``None`` allows them on a single device (a packing merges the
-    group axis, which may be sharded).
+    ``x_as_given``, the form they run under an interception tool). ``loops`` and ``packs``
+    allow the loops and the block-diagonal packings; ``None``: as the profile says (by default
+    the one in use for this backend and device count).
 
     Example:
         >>> from ._parse import parse
         >>> plan = parse('b t c -> b u c', 't u', None, (('t', 196), ('u', 256)))
-        >>> choices = candidates(plan, (64, 196, 512), loops=True)
+        >>> choices = candidates(plan, (64, 196, 512), profile=em.planning.EXAMPLE_PROFILE)
         >>> for c in choices:  # predicted regret, forward and forward+backward seconds
         ...     if 'rhs' not in c.label:
         ...         print(f'{c.label:38} {c.cost:4.2f} {c.fwd * 1e3:5.1f} ms {c.fwd_bwd * 1e3:5.1f} ms')
@@ -568,38 +445,41 @@ def candidates(
         >>> choose(choices).label
         'w first, batch (b), broadcast over b'
     """
+    p = _profile_of(profile)
+    loops = p.loops if loops is None else loops
+    packs = p.packs if packs is None else packs
     ax = _classify(plan, x_shape)
     if stored_weight:
         order = _x_as_given_order(ax) if x_as_given else _stored_weight_order(ax)
         found = [(ax, order)]
     else:
-        if loops is None:
-            loops = _loops_pay_off()
-        found = [(ax, c) for c in _enumerate(ax, loops)]
-        if packs is None:  # not on several devices, where the group axis may be sharded
-            packs = jax.device_count() == 1
-        for g, k in _packings(ax) if packs else []:
+        found = [(ax, c) for c in _enumerate(ax, loops, loop_min_rows=p.loop_min_rows)]
+        for g, k in _packings(ax, p.pack_below) if packs else []:
             packed = _packed(ax, g, k)
-            # x first: the weight-first forms of a packed layer ran 3-4x slower on XLA:CPU
             forms = _enumerate(packed, loops=False, outer_axes=False)
-            found += [(packed, c) for c in forms if c.x_first]
+            found += [(packed, c) for c in forms if c.x_first or p.packed_w_first]
     times = []
     for axes, c in found:
-        fwd, bwd = _terms(axes, c)
-        times.append((_seconds(fwd), _seconds(fwd) + _seconds(bwd)))
-    best_fwd = min(t[0] for t in times) or 1.0
-    best_fb = min(t[1] for t in times) or 1.0
+        fwd, bwd = _terms(axes, c, p)
+        times.append((p.seconds_of(fwd), p.seconds_of(fwd) + p.seconds_of(bwd)))
+    costs = regrets(times, [bool(c.loop) for _, c in found], p.loop_margin)
     return [
         Choice(
             _label(c, stored_weight) + (", x as given" if x_as_given else ""),
-            max(f / best_fwd, fb / best_fb) * (1 + LOOP_MARGIN if c.loop else 1),
+            cost,
             c,
             stored_weight,
             f,
             fb,
+            p,
         )
-        for (_, c), (f, fb) in zip(found, times, strict=True)
+        for (_, c), (f, fb), cost in zip(found, times, costs, strict=True)
     ]
+
+
+def _profile_of(p: Profile | None) -> Profile:
+    """``p``, else the profile in use."""
+    return profile() if p is None else p
 
 
 def terms(
@@ -607,9 +487,9 @@ def terms(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The cost model's terms of one of :func:`candidates`' choices, forward and backward.
 
-    ``benchmarks/calibrate.py`` fits :data:`SECONDS` to measured times with these.
+    ``benchmarks/calibrate.py`` fits a profile's seconds to measured times with these.
     """
-    return _terms(_axes_of(plan, x_shape, choice), choice.candidate)
+    return _terms(_axes_of(plan, x_shape, choice), choice.candidate, choice.profile)
 
 
 def _axes_of(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> _Axes:
@@ -623,7 +503,6 @@ def choose(choices: list[Choice]) -> Choice:
     return min(choices, key=lambda c: c.cost)
 
 
-@functools.lru_cache(maxsize=4096)
 def lower(
     plan: Plan,
     x_shape: tuple[int, ...],
@@ -631,49 +510,56 @@ def lower(
     stored_weight: bool = False,
     packs: bool | None = None,
     x_as_given: bool = False,
+    *,
+    profile: Profile | None = None,
 ) -> Lowering:
-    """Decide the lowering of ``plan`` for an input of ``x_shape`` (cached).
+    """Decide the lowering of ``plan`` for an input of ``x_shape`` (cached, by profile too).
 
-    ``loops`` allows the loop candidates (see the module docstring); ``None`` allows them on a
-    single XLA:CPU device; ``packs`` the block-diagonal packings (``None``: on a single device).
-    ``stored_weight`` asks for the one lowering in which the weight is the dot's right operand
-    exactly as stored (see :func:`_stored_weight_order`), as the Flax layers need it;
-    ``x_as_given`` also keeps x's axes as they are (:func:`_x_as_given_order`), as the Flax layers
-    run under an interception tool. The same as ``build(plan, x_shape, choose(candidates(...)))``.
+    ``loops`` allows the loop candidates (see the module docstring) and ``packs`` the
+    block-diagonal packings (``None``: as the profile says). ``stored_weight`` asks for the one
+    lowering in which the weight is the dot's right operand exactly as stored (see
+    :func:`_stored_weight_order`), as the Flax layers need it; ``x_as_given`` also keeps x's axes
+    as they are (:func:`_x_as_given_order`), as the Flax layers run under an interception tool.
+    The same as ``build(plan, x_shape, choose(candidates(...)))``.
 
     Example:
         >>> from ._parse import parse
         >>> plan = parse('b t c -> b u c', 't u', None, (('t', 196), ('u', 256)))
-        >>> low = lower(plan, (64, 196, 512), loops=True)
+        >>> low = lower(plan, (64, 196, 512), profile=em.planning.EXAMPLE_PROFILE)
         >>> low.strategy, low.x_perm, low.y_perm, low.x_dot_shape, low.w_dot_shape
         ('broadcast batch', None, None, (64, 196, 512), (64, 256, 196))
         >>> low.w_broadcast
         ((1, 256, 196), (64, 256, 196))
     """
-    choices = candidates(plan, x_shape, loops, stored_weight, packs, x_as_given)
+    p = _profile_of(profile)
+    return _lower(plan, x_shape, loops, stored_weight, packs, x_as_given, p)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lower(
+    plan: Plan,
+    x_shape: tuple[int, ...],
+    loops: bool | None,
+    stored_weight: bool,
+    packs: bool | None,
+    x_as_given: bool,
+    p: Profile,
+) -> Lowering:
+    choices = candidates(plan, x_shape, loops, stored_weight, packs, x_as_given, profile=p)
     return build(plan, x_shape, choose(choices))
 
 
 def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
-    """The :class:`Lowering` of one of :func:`candidates`' choices, for ``_core.execute``."""
+    """The :class:`Lowering` of one of :func:`candidates`' choices, for ``execute`` and ``describe``."""
     ax = _axes_of(plan, x_shape, choice)
     best, stored_weight = choice.candidate, choice.stored_weight
     sizes, size, w_axes, out_axes = ax.sizes, ax.size, ax.w_axes, ax.out_axes
     in_w = set(w_axes)
     x_order, w_order, y_order, x_first = best.x_order, best.w_order, best.y_order, best.x_first
     x_blocks, w_blocks = best.x_blocks, best.w_blocks
-    if best.loop:
-        strategy = "loop"
-    elif best.pack:
-        strategy = "block-diagonal"
-    elif best.bcast:
-        strategy = "broadcast batch"
-    else:
-        strategy = "x first" if x_first else "w first"
     rhs_k = 2 if best.rhs_t else 1
     dims: DimensionNumbers
     if stored_weight:
-        strategy = "weight as stored"
         dims = _stored_weight_dims(best, w_axes)
     elif not best.dot_batch:  # plain 2-d GEMM
         x_blocks, w_blocks = x_blocks[1:], w_blocks[1:]
@@ -689,47 +575,52 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
             tuple(sizes[a] if a in in_w else 1 for a in best.dot_batch) + tail,
             tuple(sizes[a] for a in best.dot_batch) + tail,
         )
-    x_perm = _perm(ax.x_kept, x_order, sizes)
     w_perm = _perm(w_axes, w_order, sizes)
-    x_dot_shape = tuple(size(b) for b in x_blocks)
-    w_dot_shape = tuple(size(b) for b in w_blocks)
-    y_perm = _perm(y_order, out_axes, sizes)
     bias_perm, bias_shape = None, None
     if ax.bias_axes is not None:
         bias_axes = ax.bias_axes
         in_bias = set(bias_axes)
         bias_perm = _perm(bias_axes, [a for a in y_order if a in in_bias], sizes)
         bias_shape = tuple(sizes[a] if a in in_bias else 1 for a in y_order)
-    out_shape = tuple(math.prod(sizes[a] for a in g) for g in ax.out_groups)
     w_pack = None
     if best.pack:  # the identity's shape, and where g.k' goes
         g, k = best.pack
         eye = tuple(k if a in (f"{g}.k", f"{g}.k'") else 1 for a in w_axes)
         w_pack = (eye, w_axes.index(f"{g}.k'"))
     y_split_shape = tuple(sizes[a] for a in y_order)
-    return Lowering(
+    p = _profile_of(choice.profile)
+    named = _classify(plan, x_shape) if best.pack else ax  # the output's groups, as declared
+    parts = Parts(
+        x_shape=tuple(x_shape),
+        x_axes=ax.x_axes,
+        w_axes=w_axes,
+        w_shape=plan.weight_sizes,
+        out_axes=out_axes,
+        out_groups_labels=tuple(label(g) for g in named.out_groups),
+        sizes=sizes,
+        bias_axes=ax.bias_axes,
         x_flat_shape=tuple(sizes[a] for a in ax.x_axes),
         sum_axes=tuple(ax.x_axes.index(a) for a in ax.summed),
-        x_perm=x_perm,
-        x_dot_shape=x_dot_shape,
-        w_perm=w_perm,
-        w_dot_shape=w_dot_shape,
-        w_broadcast=w_broadcast,
+        x_perm=_perm(ax.x_kept, x_order, sizes),
+        x_dot_shape=tuple(size(b) for b in x_blocks),
         w_pack=w_pack,
+        w_perm=w_perm,
+        w_broadcast=w_broadcast,
+        w_dot_shape=tuple(size(b) for b in w_blocks),
+        w_copy=p.w_copy and not x_first and w_perm is not None and w_broadcast is None,
         x_first=x_first,
+        loop=bool(best.loop),
         dimension_numbers=dims,
         y_split_shape=y_split_shape,
-        y_perm=y_perm,
-        out_flat_shape=tuple(sizes[a] for a in out_axes),
         bias_perm=bias_perm,
         bias_shape=bias_shape,
         bias_view=None if bias_shape is None else _bias_view(y_split_shape, bias_shape),
-        out_shape=out_shape,
-        strategy=strategy,
-        loop=bool(best.loop),
-        w_copy=not x_first and w_perm is not None and w_broadcast is None and _copies_pay_off(),
-        flat_axes=(tuple(ax.x_axes), tuple(w_axes), tuple(out_axes)),
+        y_perm=_perm(y_order, out_axes, sizes),
+        out_flat_shape=tuple(sizes[a] for a in out_axes),
+        out_shape=tuple(math.prod(sizes[a] for a in g) for g in ax.out_groups),
+        strategy=choice.kind,
     )
+    return assemble(parts)
 
 
 def _stored_weight_order(ax: _Axes) -> _Candidate:

@@ -7,10 +7,9 @@ cheapest candidate of each kind (x first, weight first, broadcast weight, loop, 
 the next cheapest up to ``top`` for the input's shape and dtype, time their forward and
 forward+backward passes on random values drawn on the device (interleaved, ``ROUNDS`` rounds,
 medians; nothing moves from the host, so it runs under ``jax.transfer_guard("disallow")``), and
-take the one with the lowest measured regret (the larger of its forward time over the fastest one's
-and the same for forward+backward; a loop must win by ``LOOP_MARGIN``), exactly the rule the cost
-model applies to its predictions. The decision is kept per configuration (plan, shape, dtype,
-options, backend) for the life of the process (at most ``DECISIONS`` of them, least recently used
+take the one with the lowest measured regret: ``_lower.regrets``, the one rule the cost model
+applies to its predictions. The decision is kept per configuration (plan, shape, dtype,
+options, backend profile) for the life of the process (at most ``DECISIONS`` of them, least recently used
 dropped first), so each is measured once. No lock is held while measuring: a ``dot_general`` hook
 may apply other layers, threads planning different configurations measure at the same time (sharing
 the machine's cores, so each one's timings are noisier), and callers of one configuration wait for
@@ -46,8 +45,9 @@ import numpy as np
 
 from ._cache import LRU
 from ._errors import EinMixError
-from ._lower import LOOP_MARGIN, Choice, Lowering, build, candidates, lower
+from ._lower import Choice, Lowering, build, candidates, lower, regrets
 from ._parse import Plan
+from ._profile import Profile, profile
 
 #: Timing rounds per decision (each times every candidate once, in a rotating order).
 ROUNDS = 5
@@ -103,18 +103,21 @@ def plan(
     options_key: Any,
     execute: Execute,
     packs: bool | None = None,
+    p: Profile | None = None,
 ) -> Lowering:
     """The lowering to run: the measured choice inside :func:`measured_planning`, else ``lower``.
 
     ``options_key`` identifies everything else the computation depends on (dtype options and
-    the contraction); ``execute`` runs a lowering as the layer does; ``packs`` as for ``lower``.
+    the contraction); ``execute`` runs a lowering as the layer does; ``packs`` as for ``lower``;
+    ``p`` the profile (default: the one in use).
     """
+    p = profile() if p is None else p
     top = _TOP.get()
     if top is None or not all(isinstance(n, int) for n in x_shape):
-        return lower(plan, x_shape, packs=packs)
+        return lower(plan, x_shape, packs=packs, profile=p)
     dtypes = (np.dtype(dtype), np.dtype(weight_dtype))
-    key = (plan, x_shape, *dtypes, has_bias, options_key, jax.default_backend(), top, packs)
-    choices = candidates(plan, x_shape, packs=packs)
+    key = (plan, x_shape, *dtypes, has_bias, options_key, p, top, packs)
+    choices = candidates(plan, x_shape, packs=packs, profile=p)
 
     def measure() -> str:
         ranked = shortlist(choices, top)
@@ -127,11 +130,6 @@ def plan(
     return build(plan, x_shape, next(c for c in choices if c.label == label))
 
 
-def _family(c: Choice) -> str:
-    k = c.candidate
-    return "loop" if k.loop else "pack" if k.pack else "broadcast" if k.bcast else str(k.x_first)
-
-
 def shortlist(choices: list[Choice], top: int) -> list[Choice]:
     """What is timed: the cheapest candidate of each kind (x first, weight first, broadcast
     weight, loop, block-diagonal), then the next cheapest up to ``top`` in all, cheapest first.
@@ -142,11 +140,11 @@ def shortlist(choices: list[Choice], top: int) -> list[Choice]:
     Example:
         >>> from einmix_jax import _lower
         >>> plan = em.layer('b t c -> b u c', 't u', t=196, u=256).plan
-        >>> [c.label for c in shortlist(_lower.candidates(plan, (64, 196, 512), True), 4)]
+        >>> [c.label for c in shortlist(_lower.candidates(plan, (64, 196, 512), True, profile=em.planning.EXAMPLE_PROFILE), 4)]
         ['w first, batch (b), broadcast over b', 'x first', 'w first', 'w first, loop over b']
     """
     ranked = sorted(choices, key=lambda c: c.cost)  # stable: ties keep their order
-    firsts = {id(next(c for c in ranked if _family(c) == f)) for f in map(_family, ranked)}
+    firsts = {id(next(c for c in ranked if c.kind == k)) for k in {c.kind for c in ranked}}
     rest = [c for c in ranked if id(c) not in firsts]
     picked = {id(c) for c in rest[: max(0, top - len(firsts))]} | firsts
     return [c for c in ranked if id(c) in picked]
@@ -223,9 +221,8 @@ def _fastest(
 
 
 def pick(ranked: list[Choice], medians: list[tuple[float, float]]) -> Choice:
-    """The candidate with the lowest measured regret: the larger of its forward time over the
-    fastest one's and the same for forward+backward (a loop's times ``1 + LOOP_MARGIN``); the
-    first of equals.
+    """The candidate with the lowest measured regret (``_lower.regrets``, with the profile's
+    loop margin); the first of equals.
 
     Example:
         >>> from einmix_jax import _lower
@@ -234,9 +231,6 @@ def pick(ranked: list[Choice], medians: list[tuple[float, float]]) -> Choice:
         >>> pick([a, b], [(1.0, 3.0), (0.95, 3.3)]) is a  # a: 1.0 / 0.95 = 1.05; b: 3.3 / 3.0 = 1.1
         True
     """
-    best_f, best_fb = min(m[0] for m in medians), min(m[1] for m in medians)
-    score = [
-        max(f / best_f, fb / best_fb) * (1 + LOOP_MARGIN if c.candidate.loop else 1)
-        for c, (f, fb) in zip(ranked, medians, strict=True)
-    ]
+    margin = (ranked[0].profile or profile()).loop_margin
+    score = regrets(medians, [bool(c.candidate.loop) for c in ranked], margin)
     return ranked[int(np.argmin(score))]

@@ -1,17 +1,20 @@
-"""Validation of the layer options (dtypes, precision, hooks, ``sizes``), once, at creation.
+"""The layer options: one :class:`Options` value, checked once, at creation.
 
-Every form (functional, linen, NNX, ``describe``) checks its options here, so an invalid one is an
-:class:`~einmix_jax.EinMixError` naming the argument when the layer is built, never a ``TypeError``
-at the first call. An integer given for an option is read as an axis length that collided with the
-option's name, and the message says how to pass it (``sizes={'dtype': 4}``).
+:class:`Options` declares the computation and init options once, as dataclass fields; it
+validates them, is what a layer compares and hashes them by and prints them. Every form
+(functional, linen, NNX, Equinox) forwards its keyword arguments to it, so an invalid one is an
+:class:`~einmix_jax.EinMixError` naming the argument when the layer is built, never a
+``TypeError`` at the first call. An integer given for an option is read as an axis length that
+collided with the option's name, and the message says how to pass it (``sizes={'dtype': 4}``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import keyword
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -19,7 +22,85 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._errors import OPTION_NAMES, EinMixError
+from ._errors import EinMixError
+from ._init import Initializer
+from ._keys import hook_key
+
+DotGeneral = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Options:
+    """A layer's computation and init options, checked and normalised (dtypes as NumPy dtypes).
+
+    Equal when they compute and draw the same (a rebuilt ``functools.partial`` hook is equal);
+    hashable, so a layer is a static ``jit`` argument.
+
+    Example:
+        >>> o = Options.make('', dtype='bfloat16')
+        >>> o.dtype, o.param_dtype
+        (dtype(bfloat16), dtype('float32'))
+        >>> o.repr_args()
+        ["dtype='bfloat16'"]
+        >>> Options.make('', dtype=4)
+        Traceback (most recent call last):
+        ...
+        einmix_jax._errors.EinMixError: dtype=4 is not a valid dtype option: to give the length of an axis named 'dtype', pass sizes={'dtype': 4} ()
+    """
+
+    param_dtype: np.dtype = np.dtype("float32")  # noqa: RUF009 (immutable)
+    dtype: np.dtype | None = None
+    precision: Any = None
+    preferred_element_type: np.dtype | None = None
+    #: the contraction; None: ``jax.lax.dot_general``, looked up at each call
+    dot_general: DotGeneral | None = None
+    weight_init: Initializer | None = None
+    bias_init: Initializer | None = None
+
+    @classmethod
+    def make(cls, context: str, **values: Any) -> Options:
+        """Check every option given (the others keep their defaults); ``context`` ends messages."""
+        unknown = sorted(set(values) - set(OPTION_FIELDS))
+        if unknown:
+            raise EinMixError(f"unknown option {unknown[0]!r} ({context})")
+        checked = {name: _CHECKS[name](name, value, context) for name, value in values.items()}
+        return cls(**checked)
+
+    def replace(self, **values: Any) -> Options:
+        """These options with some replaced (not checked again: for the library's own use)."""
+        return dataclasses.replace(self, **values)
+
+    def key(self) -> tuple[Any, ...]:
+        """What the options compare and hash by: the values, callables by :func:`hook_key`."""
+        return tuple(hook_key(v) if name in _CALLABLE else v for name, v in self.items())
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``(name, value)`` of every option, in declaration order."""
+        return [(name, getattr(self, name)) for name in OPTION_FIELDS]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Options):
+            return NotImplemented
+        return self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def repr_args(self, **extra: Any) -> list[str]:
+        """``name=value`` for the options that differ from their defaults (and ``extra`` ones
+        that are not ``None``), pasteable: dtypes as their names, hooks as their ``repr``."""
+        out = []
+        for name, value in [*self.items(), *extra.items()]:
+            if value is None or (name == "param_dtype" and value == np.dtype("float32")):
+                continue
+            if isinstance(value, np.dtype):
+                out.append(f"{name}={value.name!r}")
+            else:
+                out.append(f"{name}={value!r}")
+        return out
+
+    def __repr__(self) -> str:
+        return f"Options({', '.join(self.repr_args())})"
 
 
 def reject_length(name: str, value: object, context: str) -> None:
@@ -130,38 +211,6 @@ def check_hook_class(cls: Any, dot_general: Any, context: str) -> None:
         raise EinMixError(f"give dot_general or dot_general_cls, not both ({context})")
 
 
-def check_options(
-    context: str,
-    *,
-    param_dtype: Any,
-    dtype: Any,
-    precision: Any,
-    preferred_element_type: Any,
-    dot_general: Any,
-    weight_init: Any,
-    bias_init: Any,
-) -> dict[str, Any]:
-    """Check every option of a layer; return them normalised (dtypes as NumPy dtypes).
-
-    Example:
-        >>> check_options('', param_dtype='float32', dtype=None, precision=None,
-        ...               preferred_element_type=None, dot_general=lax.dot_general,
-        ...               weight_init=None, bias_init=None)['param_dtype']
-        dtype('float32')
-    """
-    return {
-        "param_dtype": float_dtype("param_dtype", param_dtype, context, optional=False),
-        "dtype": float_dtype("dtype", dtype, context, optional=True),
-        "precision": precision_option(precision, context),
-        "preferred_element_type": float_dtype(
-            "preferred_element_type", preferred_element_type, context, optional=True
-        ),
-        "dot_general": hook_option("dot_general", dot_general, context, optional=True),
-        "weight_init": hook_option("weight_init", weight_init, context, optional=True),
-        "bias_init": hook_option("bias_init", bias_init, context, optional=True),
-    }
-
-
 def merge_sizes(sizes: Any, axes: Mapping[str, Any], context: str) -> dict[str, Any]:
     """``sizes`` followed by the ``**axes`` keywords, in order; an axis given in both is an error.
 
@@ -203,35 +252,6 @@ def axes_repr(axes: tuple[tuple[str, int], ...]) -> list[str]:
     return [f"{a}={n}" for a, n in axes]
 
 
-def options_repr(options: Mapping[str, Any]) -> list[str]:
-    """``name=value`` for the options that differ from their defaults, in a pasteable form.
-
-    Dtypes print as their names (``dtype='bfloat16'``); hooks as their ``repr``, so two different
-    functions never print the same.
-
-    Example:
-        >>> options_repr({'dtype': np.dtype('float16'), 'precision': None})
-        ["dtype='float16'"]
-    """
-    defaults: dict[str, Any] = {"param_dtype": np.dtype("float32")}
-    out = []
-    for name, value in options.items():
-        if value is None or (name in defaults and _same(value, defaults[name])):
-            continue
-        if isinstance(value, np.dtype):
-            out.append(f"{name}={value.name!r}")
-        else:
-            out.append(f"{name}={value!r}")
-    return out
-
-
-def _same(value: Any, default: np.dtype) -> bool:
-    try:
-        return bool(np.dtype(jnp.dtype(value)) == default)
-    except TypeError:
-        return False
-
-
 def index(value: Any) -> int | None:
     """``value`` as an int if it is one (NumPy integers included, bools excluded), else None.
 
@@ -245,3 +265,68 @@ def index(value: Any) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def logical_option(value: object, pattern: str) -> Mapping[str, str] | None:
+    """The Flax layers' ``logical_axes`` option as a mapping (``True``: ``{}``), or ``None`` (off).
+
+    Example:
+        >>> logical_option(True, 'b c -> b d'), logical_option(None, 'b c -> b d')
+        ({}, None)
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        return value
+    reject_length("logical_axes", value, f"pattern {pattern!r}")
+    raise EinMixError(
+        f"logical_axes must be None, True or a dict from axis names to logical names, like "
+        f"{{'c': 'embed'}}, got {value!r} (pattern {pattern!r})"
+    )
+
+
+def pass_length(axis: str) -> str:
+    """How to pass the length of ``axis``: as a keyword, or in ``sizes`` if it is an option name.
+
+    Example:
+        >>> pass_length('d'), pass_length('dtype')
+        ('d=...', "sizes={'dtype': ...}")
+    """
+    return f"sizes={{{axis!r}: ...}}" if axis in OPTION_NAMES else f"{axis}=..."
+
+
+def _dtype_check(optional: bool) -> Callable[[str, Any, str], Any]:
+    return lambda name, value, context: float_dtype(name, value, context, optional=optional)
+
+
+def _hook_check(name: str, value: Any, context: str) -> Any:
+    return hook_option(name, value, context, optional=True)
+
+
+#: The names of :class:`Options`' fields, in declaration order.
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options))
+_CALLABLE = frozenset({"dot_general", "weight_init", "bias_init"})
+_CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
+    "param_dtype": _dtype_check(optional=False),
+    "dtype": _dtype_check(optional=True),
+    "precision": lambda name, value, context: precision_option(value, context),
+    "preferred_element_type": _dtype_check(optional=True),
+    **{name: _hook_check for name in _CALLABLE},
+}
+
+#: Keyword arguments of the layer constructors; an axis of one of these names goes in ``sizes=``.
+OPTION_NAMES = frozenset(
+    {
+        *OPTION_FIELDS,
+        "plan",
+        "weight_shape",
+        "bias_shape",
+        "sizes",
+        "dot_general_cls",
+        "out_sharding",
+        "logical_axes",
+        "rngs",
+    }
+)

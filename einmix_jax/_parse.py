@@ -16,7 +16,8 @@ from typing import Any
 from einops import EinopsError
 from einops.parsing import ParsedExpression
 
-from ._errors import EinMixError, axes_list, describe_call, pass_length
+from ._errors import EinMixError, axes_list, describe_call
+from ._options import pass_length
 
 ELLIPSIS = "…"  # einops' internal name for '...'
 
@@ -425,3 +426,32 @@ def read_sizes(
                 f"({' '.join(group)}) of length {length}: pass all but one of them {where}"
             )
     return sizes, n_ellipsis
+
+
+def resolve_sizes(plan: Plan, x_shape: tuple[int, ...]) -> tuple[dict[str, int], int]:
+    """Read every axis length off the plan and the input shape; return them and the ellipsis rank.
+
+    The axes ``...`` stands for are named ``'...0'``, ``'...1'``, ... (see :func:`expand_groups`).
+
+    Example:
+        >>> plan = parse('(b t) c -> b t d', 'c d', None, (('t', 3), ('c', 4), ('d', 2)))
+        >>> resolve_sizes(plan, (6, 4))
+        ({'t': 3, 'c': 4, 'd': 2, 'b': 2}, 0)
+    """
+    sizes, n_ellipsis = read_sizes(plan.left, plan.sizes, x_shape, plan.context())
+    if n_ellipsis:
+        start = plan.left.index(ELLIPSIS)
+        sizes.update((f"...{i}", x_shape[start + i]) for i in range(n_ellipsis))
+    return sizes, n_ellipsis
+
+
+def expand_groups(groups: tuple, n_ellipsis: int) -> list[tuple[str, ...]]:
+    """Groups with '...' replaced by its axes; a bare '...' becomes one group per axis."""
+    names = tuple(f"...{i}" for i in range(n_ellipsis))
+    out: list[tuple[str, ...]] = []
+    for g in groups:
+        if g == ELLIPSIS:
+            out.extend((n,) for n in names)
+        else:
+            out.append(tuple(n for a in g for n in (names if a == ELLIPSIS else (a,))))
+    return out

@@ -57,8 +57,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from ._errors import EinMixError
-from ._lower import expand_groups, resolve_sizes
-from ._parse import ELLIPSIS, Plan
+from ._parse import ELLIPSIS, Plan, expand_groups, resolve_sizes
 
 #: Mesh axes of one array dimension: a mesh axis name, a tuple of them, or None (replicated).
 MeshAxes = Union[str, tuple[str, ...], None]  # noqa: UP007 (runtime alias on Python 3.10)
@@ -391,7 +390,7 @@ def with_out_sharding(
             rules=normalize_rules(out_sharding),
             logical_axes=_normalize_logical(logical_axes, plan),
         )
-    return dataclasses.replace(layer, out_sharding=value)
+    return layer.replace(out_sharding=value)
 
 
 def _context_mesh() -> AbstractMesh | None:

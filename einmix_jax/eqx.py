@@ -19,8 +19,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _core
-from ._init import Initializer
-from ._options import reject_length
+from ._core import Initializer, reject_length
 
 __all__ = ["EinMix"]
 
@@ -140,7 +139,7 @@ class EinMix(eqx.Module):
             >>> bool((layer.with_params(params).bias == params['bias']).all())
             True
         """
-        weight, bias = _core._check_params(self.functional, params)
+        weight, bias = _core.check_params(self.functional, params)
         return eqx.tree_at(
             lambda m: (m.weight, m.bias),
             self,

@@ -22,17 +22,22 @@ from flax.core import FrozenDict
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _core
-from ._errors import EinMixError, describe_call
-from ._init import Initializer
-from ._options import check_hook_class, check_options, merge_sizes, options_repr, reject_length
-from ._parse import (
+from ._core import (
     ELLIPSIS,
+    OPTION_FIELDS,
+    EinMixError,
+    Initializer,
+    Options,
+    check_hook_class,
     check_texts,
+    describe_call,
     infer_weight_shape,
+    logical_option,
+    merge_sizes,
     normalize_axes,
+    param_axes,
     param_sizes_from_input,
 )
-from ._shard import param_axes
 
 __all__ = ["EinMix", "from_einops", "from_flax"]
 
@@ -110,21 +115,12 @@ class EinMix(nn.Module):
         check_texts(self.pattern, self.weight_shape, self.bias_shape)
         context = describe_call(self.pattern, self.weight_shape, self.bias_shape)
         normalize_axes(merge_sizes(self.sizes, {}, context), context)
-        check_options(
-            context,
-            param_dtype=self.param_dtype,
-            dtype=self.dtype,
-            precision=self.precision,
-            preferred_element_type=self.preferred_element_type,
-            dot_general=self.dot_general,
-            weight_init=self.weight_init,
-            bias_init=self.bias_init,
-        )
+        _options(self, context)
         check_hook_class(self.dot_general_cls, self.dot_general, context)
         if not isinstance(self.sizes, FrozenDict):
             # A dict would make the module unhashable (as einops' layer is); None: no sizes.
             object.__setattr__(self, "sizes", FrozenDict(self.sizes or {}))
-        logical = _logical_option(self.logical_axes, self.pattern)
+        logical = logical_option(self.logical_axes, self.pattern)
         object.__setattr__(self, "logical_axes", None if logical is None else FrozenDict(logical))
         super().__post_init__()
 
@@ -136,8 +132,8 @@ class EinMix(nn.Module):
             args.append(repr(self.bias_shape))
         if self.sizes:
             args.append(f"sizes={dict(self.sizes)!r}")
-        args += _options_repr(self)
-        logical = _logical_option(self.logical_axes, self.pattern)
+        args += _options(self).repr_args(dot_general_cls=self.dot_general_cls)
+        logical = logical_option(self.logical_axes, self.pattern)
         if logical is not None:
             args.append(f"logical_axes={dict(logical)!r}")
         return f"EinMix({', '.join(args)})"
@@ -172,18 +168,12 @@ class EinMix(nn.Module):
             normalize_axes(sizes, context),
             tuple(x_shape),
         )
-        return _core.layer(
+        return _core.EinMix(
             self.pattern,
             self.weight_shape,
             self.bias_shape,
             sizes=dict(axes),
-            param_dtype=self.param_dtype,
-            dtype=self.dtype,
-            precision=self.precision,
-            preferred_element_type=self.preferred_element_type,
-            weight_init=self.weight_init,
-            bias_init=self.bias_init,
-            dot_general=self.dot_general,
+            **{name: getattr(self, name) for name in OPTION_FIELDS},
         )
 
     @nn.compact
@@ -210,13 +200,13 @@ class EinMix(nn.Module):
             shapes = {k: _param_shape(nn.meta.unbox(v)) for k, v in own.items()}
         layer = self.functional(tuple(jnp.shape(x)), shapes)
         if self.dot_general_cls is not None:
-            layer = dataclasses.replace(layer, dot_general=hook)
+            layer = layer.replace(dot_general=hook)
         if shapes is not None and shapes != layer.param_shapes:
-            _core._check_params(layer, nn.meta.unbox(own))  # raises the functional form's error
+            _core.check_params(layer, nn.meta.unbox(own))  # raises the functional form's error
         inits: dict[str, Any] = {"weight": layer.init_weight}
         if layer.plan.bias_sizes is not None:
             inits["bias"] = layer.init_bias
-        logical = _logical_option(self.logical_axes, self.pattern)
+        logical = logical_option(self.logical_axes, self.pattern)
         if logical is not None:
             names = param_axes(layer, logical_axes=logical)
             inits = {k: nn.with_logical_partitioning(f, names[k]) for k, f in inits.items()}
@@ -253,37 +243,9 @@ def _param_shape(value: Any) -> tuple[int, ...]:
     return tuple(np.shape(value) if shape is None else shape)
 
 
-def _logical_option(value: object, pattern: str) -> Mapping[str, str] | None:
-    """The ``logical_axes`` option as a mapping (``True``: ``{}``), or ``None`` (off)."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if isinstance(value, Mapping):
-        return value
-    reject_length("logical_axes", value, f"pattern {pattern!r}")
-    raise EinMixError(
-        f"logical_axes must be None, True or a dict from axis names to logical names, like "
-        f"{{'c': 'embed'}}, got {value!r} (pattern {pattern!r})"
-    )
-
-
-def _options_repr(module: Any) -> list[str]:
-    """``name=value`` for the options that differ from their defaults, as the core prints them."""
-    options = {
-        "dtype": module.dtype,
-        "param_dtype": module.param_dtype,
-        "precision": module.precision,
-        "weight_init": module.weight_init,
-        "bias_init": module.bias_init,
-        "dot_general": module.dot_general,
-        "preferred_element_type": module.preferred_element_type,
-        "dot_general_cls": module.dot_general_cls,
-    }
-    for name in ("dtype", "param_dtype", "preferred_element_type"):
-        if options[name] is not None:
-            options[name] = np.dtype(jnp.dtype(options[name]))
-    return options_repr(options)
+def _options(module: EinMix, context: str = "") -> Options:
+    """The module's options, checked, as the core holds them (the fields of the same names)."""
+    return Options.make(context, **{name: getattr(module, name) for name in OPTION_FIELDS})
 
 
 def from_einops(variables: Mapping[str, Any], layer: Any, x: Any = None) -> dict[str, Any]:

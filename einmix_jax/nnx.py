@@ -9,7 +9,6 @@ axis names as NNX sharding metadata (through ``nnx.with_partitioning``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -19,11 +18,15 @@ from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _core
-from ._errors import EinMixError
-from ._init import Initializer
-from ._options import axes_repr, check_hook_class, options_repr, reject_length
-from ._shard import param_axes
-from .linen import _logical_option
+from ._core import (
+    EinMixError,
+    Initializer,
+    axes_repr,
+    check_hook_class,
+    logical_option,
+    param_axes,
+    reject_length,
+)
 
 __all__ = ["EinMix"]
 
@@ -141,7 +144,7 @@ class EinMix(nnx.Module, metaclass=_Meta):
         check_hook_class(dot_general_cls, dot_general, self.functional.plan.context())
         #: Instantiated at each call to make the contraction (as ``nnx.Linear`` does); static.
         self.dot_general_cls = dot_general_cls
-        logical = _logical_option(logical_axes, pattern)
+        logical = logical_option(logical_axes, pattern)
         #: The ``logical_axes`` option as ``(axis, logical name)`` pairs; ``None``: no metadata.
         self.logical_axes = None if logical is None else tuple(logical.items())
         names = None if logical is None else param_axes(self.functional, logical_axes=logical)
@@ -159,18 +162,7 @@ class EinMix(nnx.Module, metaclass=_Meta):
         if plan.bias_shape is not None:
             args.append(f"bias_shape={plan.bias_shape!r}")
         args += axes_repr(plan.axes)
-        args += options_repr(
-            {
-                "param_dtype": core.param_dtype,
-                "dtype": core.dtype,
-                "precision": core.precision,
-                "preferred_element_type": core.preferred_element_type,
-                "dot_general": core.dot_general,
-                "weight_init": core.weight_init,
-                "bias_init": core.bias_init,
-                "dot_general_cls": self.dot_general_cls,
-            }
-        )
+        args += core.options.repr_args(dot_general_cls=self.dot_general_cls)
         if self.logical_axes is not None:
             args.append(f"logical_axes={dict(self.logical_axes)!r}")
         return f"EinMix({', '.join(args)})"
@@ -202,7 +194,7 @@ class EinMix(nnx.Module, metaclass=_Meta):
             >>> bool((layer.bias[...] == params['bias']).all())
             True
         """
-        weight, bias = _core._check_params(self.functional, params)
+        weight, bias = _core.check_params(self.functional, params)
         self.weight.set_value(jnp.asarray(weight))
         if self.bias is not None and bias is not None:
             self.bias.set_value(jnp.asarray(bias))
@@ -211,7 +203,7 @@ class EinMix(nnx.Module, metaclass=_Meta):
         """Apply the layer: the core's ``apply`` with this module's params."""
         layer = self.functional
         if self.dot_general_cls is not None:
-            layer = dataclasses.replace(layer, dot_general=self.dot_general_cls())
+            layer = layer.replace(dot_general=self.dot_general_cls())
         return _core.apply_traced(layer, self.get_params(), x)
 
 

@@ -16,7 +16,7 @@ import pytest
 from jax import lax
 
 import einmix_jax as em
-from einmix_jax import _core, _lower, _parse
+from einmix_jax import _core, _execute, _lower, _parse
 
 from .cases import CASES, Case, normal
 from .reference import default_weight_shape, reference_einmix
@@ -254,13 +254,13 @@ def test_plan_is_parsed_once_per_configuration():
 def traces(monkeypatch):
     """Count the traces of the functional apply (each one runs ``execute`` once), from empty."""
     calls = []
-    real = _core.execute
+    real = _execute.execute
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_core, "execute", counting)
+    monkeypatch.setattr(_execute, "execute", counting)
     _core._COMPILED.clear()
     return calls
 
@@ -269,13 +269,13 @@ def test_no_retrace_on_a_second_apply_with_the_same_shapes(traces):
     config = dict(weight_shape="c e", bias_shape="e", c=3, e=9)
     params, apply = em.init("q c -> q e", jax.random.key(0), **config)
     apply(params, normal((2, 3)))
-    lowered = _lower.lower.cache_info()
+    lowered = _lower._lower.cache_info()
     apply(params, normal((2, 3), seed=1))
     other_params, other = em.init("q c -> q e", jax.random.key(1), **config)  # an equal layer
     assert other == apply and hash(other) == hash(apply)
     other(other_params, normal((2, 3), seed=2))
     assert len(traces) == len(_core._COMPILED) == 1
-    assert _lower.lower.cache_info().misses == lowered.misses
+    assert _lower._lower.cache_info().misses == lowered.misses
     apply(params, normal((4, 3)))  # a new input shape compiles once more
     assert len(traces) == len(_core._COMPILED) == 2
 

@@ -87,6 +87,8 @@ def replay(d: Description, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -
             return np.transpose(a, step.arg)
         if step.op == "broadcast":
             return np.broadcast_to(a, step.arg)
+        if step.op == "copy":  # the weight written out before the dot: the same values
+            return a
         if step.op == "pack":  # the groups on the diagonal: a[..., k, ..., k', ...] = 0 off it
             kx, ky = step.labels.index(f"{step.note}.k"), step.labels.index(f"{step.note}.k'")
             eye = np.eye(step.arg).reshape(
@@ -311,13 +313,13 @@ LOOP_CASES = [
 
 def forced(monkeypatch, which):
     """Make describe() show the first candidate ``which`` accepts (another planner decision)."""
-    from einmix_jax import _describe, _lower
+    from einmix_jax import _apply, _lower
 
-    def lower(plan, shape, stored_weight=False):
+    def lower(plan, shape, stored_weight=False, **kwargs):
         choices = _lower.candidates(plan, shape, True)
         return _lower.build(plan, shape, next(c for c in choices if which(c.candidate)))
 
-    monkeypatch.setattr(_describe, "lower", lower)
+    monkeypatch.setattr(_apply, "lower", lower)
 
 
 def check_replay(d, pattern, weight_shape, bias_shape, x_shape, sizes):

@@ -22,8 +22,10 @@ import pytest
 
 import einmix_jax as em
 from einmix_jax import _lower
-from einmix_jax._core import _LAX_DOT_GENERAL, apply_lowering, apply_traced, execute
-from einmix_jax._lower import Lowering, lower
+from einmix_jax._apply import apply_lowering, apply_traced
+from einmix_jax._execute import _LAX_DOT_GENERAL, execute
+from einmix_jax._lower import lower
+from einmix_jax.planning import Lowering
 
 from .reference import reference_einmix
 
@@ -181,7 +183,7 @@ def test_ties_go_to_x_first_and_the_lowering_is_cached():
 
 def test_loops_are_allowed_by_default_on_one_cpu_device():
     expected = jax.default_backend() == "cpu" and jax.device_count() == 1
-    assert _lower._loops_pay_off() == expected
+    assert em.planning.profile().loops == expected
     layer = em.layer("b t c -> b u c", t=1024, u=1024)
     assert any(c.candidate.loop for c in _lower.candidates(layer.plan, (4, 1024, 64))) == expected
 

@@ -113,8 +113,8 @@ def test_the_pick_is_the_lowest_measured_regret_and_a_loop_must_win_by_the_margi
     loop = next(c for c in choices if c.candidate.loop)
     assert _measure.pick([plain, loop], [(1.0, 2.0), (0.95, 2.2)]) is plain  # 1.05 < 1.1
     assert _measure.pick([plain, loop], [(1.0, 2.0), (0.5, 1.0)]) is loop
-    # within LOOP_MARGIN the plain form (which compiles faster) is kept
-    margin = 1 + _lower.LOOP_MARGIN / 2
+    # within the loop margin the plain form (which compiles faster) is kept
+    margin = 1 + em.planning.profile().loop_margin / 2
     assert _measure.pick([plain, loop], [(margin, margin), (1.0, 1.0)]) is plain
 
 
