@@ -22,6 +22,7 @@ from ._errors import EinMixError, describe_call
 from ._layer import EinMix, layer
 from ._lowering import Lowering, Step, dot_flops
 from ._options import index, merge_sizes
+from ._params import check_params
 from ._parse import normalize_axes, param_sizes_from_input
 
 #: A shape: a tuple of ints.
@@ -128,6 +129,7 @@ def describe(
     bias_shape: str | None = None,
     *,
     sizes: Mapping[str, int] | None = None,
+    params: Mapping[str, Any] | None = None,
     **axes: int,
 ) -> Description:
     """Describe what one EinMix call does for an input of ``x_shape``; ``print`` the result.
@@ -144,6 +146,9 @@ def describe(
         bias_shape: only with a pattern string: the bias's axes.
         sizes: only with a pattern string: axis lengths as a mapping, for any axis name (also
             one named like an argument).
+        params: the params the layer is called with (optional): a weight whose type carries
+            mesh axes (explicit sharding) is not packed block-diagonally, so its lowering can
+            differ from an unsharded weight's.
         **axes: only with a pattern string: axis lengths.
 
     Example:
@@ -187,8 +192,10 @@ def describe(
         form = form_of(mix, weight_as_stored)
     dtype = getattr(x_shape, "dtype", None) or jnp.float32
     x = jax.ShapeDtypeStruct(shape, dtype)
-    weight = jax.ShapeDtypeStruct(mix.plan.weight_sizes, mix.param_dtype)
+    weight: Any = jax.ShapeDtypeStruct(mix.plan.weight_sizes, mix.param_dtype)
     has_bias = mix.plan.bias_sizes is not None
+    if params is not None:
+        weight, _ = check_params(mix, params)
     low = lowering_for(mix, x, weight, has_bias, form, measure=not runs_sharded(mix))
     return _describe(mix, shape, low)
 

@@ -327,6 +327,7 @@ OPTION_NAMES = frozenset(
         "dot_general_cls",
         "out_sharding",
         "logical_axes",
+        "params",
         "rngs",
     }
 )
