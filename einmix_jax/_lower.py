@@ -300,7 +300,7 @@ def _terms(
         >>> from ._parse import parse
         >>> plan = parse('b t c -> b t d', 'c d', None, (('c', 4), ('d', 3)))
         >>> ax = _classify(plan, (2, 5, 4))
-        >>> fwd, bwd = _terms(ax, _enumerate(ax, loops=False)[0], profile('cpu', 1))
+        >>> fwd, bwd = _terms(ax, _enumerate(ax, loops=False)[0], em.planning.EXAMPLE_PROFILE)
         >>> fwd['flop'], bwd['flop'], fwd['dot element'], fwd['moved element']
         (240, 480, 82, 0)
     """
@@ -632,8 +632,8 @@ def _stored_weight_order(ax: _Axes) -> _Candidate:
     the dot takes the weight's dimensions where they are, as N-d dimension numbers, and x is
     brought to ``(batch..., rows, contracted...)``: the batch and contracted axes one dimension
     each, in the weight's order, and every x-only axis merged into one ``rows`` dimension (left
-    unmerged, the backward pass's weight-gradient dot contracts over several dimensions and runs
-    about 1.4x slower on XLA:CPU). The dot gives ``(batch..., rows, w-only...)``, transposed to
+    unmerged, the backward pass's weight-gradient dot contracts over several dimensions, which
+    runs slower: see benchmarks/REGRET.md). The dot gives ``(batch..., rows, w-only...)``, transposed to
     the output order afterwards.
     """
     w_axes, x_free, contracted, batch = ax.w_axes, ax.x_free, ax.contracted, ax.batch

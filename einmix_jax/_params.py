@@ -53,7 +53,17 @@ def _param_value(value: Any, name: str, ctx: str) -> Any:
 
 def check_params(layer: EinMix, params: Any) -> tuple[Any, jax.Array | None]:
     """The weight and bias of ``params``: any mapping (dict, ``FrozenDict``, ``nnx.State``) of
-    arrays, Flax boxes (``nn.LogicallyPartitioned``, ``nnx.Param``) or lists of numbers."""
+    arrays, Flax boxes (``nn.LogicallyPartitioned``, ``nnx.Param``) or lists of numbers.
+
+    Example:
+        >>> layer = einmix_jax.layer('b c -> b d', c=2, d=3)
+        >>> check_params(layer, {'weight': [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]})[0].shape
+        (2, 3)
+        >>> check_params(layer, {'weight': jnp.ones((3, 2))})
+        Traceback (most recent call last):
+        ...
+        einmix_jax._errors.EinMixError: params['weight'] has shape (3, 2), expected (2, 3) for 'c d' (pattern 'b c -> b d', weight_shape 'c d')
+    """
     ctx = layer.plan.context()
     if not isinstance(params, Mapping) or "weight" not in params:
         raise EinMixError(

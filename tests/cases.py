@@ -177,3 +177,20 @@ LOGICAL_CASES = {
         [("c", "model")],
     ),
 }
+
+
+def record_executed(monkeypatch) -> list:
+    """The lowerings ``execute`` runs from now on (from an empty compiled-apply cache, so the
+    functional apply traces again)."""
+    from einmix_jax import _apply, _execute
+
+    ran: list = []
+    real = _execute.execute
+
+    def recording(low, *args, **kwargs):
+        ran.append(low)
+        return real(low, *args, **kwargs)
+
+    monkeypatch.setattr(_execute, "execute", recording)
+    _apply._COMPILED.clear()
+    return ran

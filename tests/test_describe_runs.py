@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import einmix_jax as em
-from einmix_jax import _apply, _execute, _measure
+from einmix_jax import _measure
 from einmix_jax._cache import LRU
 
+from .cases import record_executed
 from .reference import reference_einmix
 
 PATTERN, WEIGHT, BIAS = "b t (g c) -> b t (g d)", "g c d", "g d"
@@ -23,17 +24,8 @@ SIZES = dict(g=8, c=4, d=3)
 
 @pytest.fixture
 def executed(monkeypatch):
-    """The lowerings ``execute`` runs, from an empty compiled-apply cache."""
-    ran = []
-    real = _execute.execute
-
-    def recording(low, *args, **kwargs):
-        ran.append(low)
-        return real(low, *args, **kwargs)
-
-    monkeypatch.setattr(_execute, "execute", recording)
-    _apply._COMPILED.clear()
-    return ran
+    """The lowerings ``execute`` runs."""
+    return record_executed(monkeypatch)
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 from jax.sharding import AxisType
 
 import einmix_jax as em
-from einmix_jax import _apply, _execute
 
+from ..cases import record_executed
 from ..reference import reference_einmix
 from .common import make_mesh
 
@@ -19,17 +19,8 @@ SIZES = dict(g=8, c=4, d=3)
 
 @pytest.fixture
 def executed(monkeypatch):
-    """The lowerings ``execute`` runs, from an empty compiled-apply cache."""
-    ran = []
-    real = _execute.execute
-
-    def recording(low, *args, **kwargs):
-        ran.append(low)
-        return real(low, *args, **kwargs)
-
-    monkeypatch.setattr(_execute, "execute", recording)
-    _apply._COMPILED.clear()
-    return ran
+    """The lowerings ``execute`` runs."""
+    return record_executed(monkeypatch)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
