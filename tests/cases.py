@@ -194,3 +194,21 @@ def record_executed(monkeypatch) -> list:
     monkeypatch.setattr(_execute, "execute", recording)
     _apply._COMPILED.clear()
     return ran
+
+
+#: A grouped layer that the planner packs block-diagonally on one device.
+GROUPED = ("b t (g c) -> b t (g d)", "g c d", "g d", dict(g=8, c=4, d=3))
+
+
+def grouped_case(seed: int) -> tuple[em.EinMix, dict, np.ndarray, np.ndarray]:
+    """:data:`GROUPED`'s layer, params, an input (16, 4, 32) and the reference output."""
+    pattern, weight, bias, sizes = GROUPED
+    rng = np.random.default_rng(seed)
+    params = {
+        "weight": rng.normal(size=(8, 4, 3)).astype(np.float32),
+        "bias": rng.normal(size=(8, 3)).astype(np.float32),
+    }
+    x = rng.normal(size=(16, 4, 32)).astype(np.float32)
+    w, b = params["weight"], params["bias"]
+    expected = reference_einmix(pattern, weight, bias, x, w, b, dict(sizes, b=16, t=4))
+    return em.layer(pattern, weight, bias, **sizes), params, x, expected

@@ -15,11 +15,9 @@ import einmix_jax as em
 from einmix_jax import _measure
 from einmix_jax._cache import LRU
 
-from .cases import record_executed
-from .reference import reference_einmix
+from .cases import GROUPED, grouped_case, record_executed
 
-PATTERN, WEIGHT, BIAS = "b t (g c) -> b t (g d)", "g c d", "g d"
-SIZES = dict(g=8, c=4, d=3)
+PATTERN, WEIGHT, BIAS, SIZES = GROUPED
 
 
 @pytest.fixture
@@ -35,21 +33,8 @@ def slowest_measured(monkeypatch):
     monkeypatch.setattr(_measure, "_fastest", lambda *args: args[5][-1].label)
 
 
-def _case(rng: np.random.Generator):
-    layer = em.layer(PATTERN, WEIGHT, BIAS, **SIZES)
-    params = {
-        "weight": rng.normal(size=(8, 4, 3)).astype(np.float32),
-        "bias": rng.normal(size=(8, 3)).astype(np.float32),
-    }
-    x = rng.normal(size=(16, 4, 32)).astype(np.float32)
-    expected = reference_einmix(
-        PATTERN, WEIGHT, BIAS, x, params["weight"], params["bias"], dict(SIZES, b=16, t=4)
-    )
-    return layer, params, x, expected
-
-
 def test_describe_inside_measured_planning_shows_the_measured_choice(executed, slowest_measured):
-    layer, params, x, expected = _case(np.random.default_rng(0))
+    layer, params, x, expected = grouped_case(0)
     planned = em.describe(layer, x.shape).lowering
     with em.measured_planning(top=3):
         y = layer(params, x)
@@ -60,7 +45,7 @@ def test_describe_inside_measured_planning_shows_the_measured_choice(executed, s
 
 
 def test_describe_of_a_flax_layer_shows_the_form_it_runs(executed):
-    layer, params, x, expected = _case(np.random.default_rng(1))
+    layer, params, x, expected = grouped_case(1)
     module = em.linen.EinMix(PATTERN, WEIGHT, BIAS, sizes=SIZES)
     y = module.apply({"params": params}, x)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -70,7 +55,7 @@ def test_describe_of_a_flax_layer_shows_the_form_it_runs(executed):
 
 
 def test_describe_of_a_flax_layer_with_a_hook_shows_x_as_given(executed):
-    _, params, x, expected = _case(np.random.default_rng(2))
+    _, params, x, expected = grouped_case(2)
     module = em.linen.EinMix(PATTERN, WEIGHT, BIAS, sizes=SIZES, dot_general=jax.lax.dot_general)
     plain = em.linen.EinMix(PATTERN, WEIGHT, BIAS, sizes=SIZES)
     y = module.apply({"params": params}, x)
@@ -81,7 +66,7 @@ def test_describe_of_a_flax_layer_with_a_hook_shows_x_as_given(executed):
 
 
 def test_describe_of_a_flax_layer_under_dot_general_cls_shows_x_as_given(executed):
-    _, params, x, expected = _case(np.random.default_rng(3))
+    _, params, x, expected = grouped_case(3)
 
     class Dot:  # a contraction class, as Flax's fp8 ops are
         def __call__(self, *args, **kwargs):
@@ -97,7 +82,7 @@ def test_describe_of_a_flax_layer_under_dot_general_cls_shows_x_as_given(execute
 def test_describe_of_an_nnx_layer_shows_the_form_it_runs(executed):
     from flax import nnx
 
-    _, params, x, expected = _case(np.random.default_rng(4))
+    _, params, x, expected = grouped_case(4)
     module = em.nnx.EinMix(PATTERN, WEIGHT, BIAS, **SIZES, rngs=nnx.Rngs(0))
     module.set_params(params)
     np.testing.assert_allclose(module(x), expected, rtol=1e-5, atol=1e-5)
@@ -108,7 +93,7 @@ def test_describe_with_the_params_of_an_explicitly_sharded_weight_shows_no_packi
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    layer, params, x, expected = _case(np.random.default_rng(5))
+    layer, params, x, expected = grouped_case(5)
     mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Explicit,))
     sharded = {k: jax.device_put(v, NamedSharding(mesh, P("model"))) for k, v in params.items()}
     y = layer(sharded, x)  # no mesh set: the weight's type carries the mesh axis
