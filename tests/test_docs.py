@@ -55,6 +55,34 @@ def test_api_reference_covers_every_public_name():
             assert f"{module}.{name}" in rendered, f"{module}.{name} is not in {page.name}"
 
 
+def test_planning_reference_covers_every_planning_name():
+    """``einmix_jax.planning``, public but not a lazily imported submodule, has its own page in
+    docs/api/, listed in mkdocs.yml's nav, rendering the module and every name of its
+    ``__all__``; the top-level page renders the module too (it is in ``einmix_jax.__all__``)."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    page = DOCS / "api" / "planning.md"
+    assert page.is_file(), "einmix_jax.planning has no API page docs/api/planning.md"
+    assert "einmix_jax.planning: api/planning.md" in nav, "planning.md is not in mkdocs.yml's nav"
+    rendered = set(re.findall(r"^::: ([\w.]+)", page.read_text(), re.M))
+    assert "einmix_jax.planning" in rendered
+    missing = [n for n in em.planning.__all__ if f"einmix_jax.planning.{n}" not in rendered]
+    assert not missing, f"not in planning.md: {missing}"
+    top = set(re.findall(r"^::: ([\w.]+)", (DOCS / "api" / "einmix_jax.md").read_text(), re.M))
+    assert "einmix_jax.planning" in top
+
+
+def test_docs_name_no_removed_or_private_planner_constant():
+    """The planner's constants moved into backend profiles (``einmix_jax.planning``): no page
+    tells a reader to edit or read ``_lower.SECONDS`` and the like, nor names a private
+    planner module's object where the public one exists."""
+    stale = re.compile(
+        r"\b_lower\.(?:SECONDS|LOOP_MARGIN|_loops_pay_off|candidates|build|choose)\b"
+    )
+    for page in PAGES:
+        found = stale.findall(page.read_text())
+        assert not found, f"{page.relative_to(ROOT)} names {found}"
+
+
 @pytest.fixture(autouse=True)
 def _readers_settings():
     """The pages run as a reader runs them: with JAX's default promotion rules, not the strict

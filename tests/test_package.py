@@ -196,3 +196,27 @@ def test_docs_extra_alone_installs_what_the_docs_build_needs():
     needed["a signature formatter"] = {"ruff", "black"}
     missing = [what for what, dists in needed.items() if not dists & docs]
     assert not missing, f"the docs extra does not install: {', '.join(missing)}"
+
+
+def test_every_runtime_dependency_is_imported_by_the_package():
+    """``pip install einmix-jax`` installs only what ``einmix_jax/`` imports (at any level: the
+    Flax layers import Flax on first use): what only the tests or the examples use (optax, chex)
+    belongs to their extras."""
+    imported: set[str] = set()
+    for source in (ROOT / "einmix_jax").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                imported |= _distributions(module.split(".")[0])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = {canonicalize_name(Requirement(line).name) for line in project["dependencies"]}
+    assert {"jax", "flax", "einops"} <= imported, imported  # the reading of imports works
+    assert required <= imported, f"installed but never imported: {sorted(required - imported)}"
+    for extra in ("test", "examples"):
+        assert "optax" in _installed_by(extra), f"the {extra} extra does not install optax"
+    assert "chex" in _installed_by("test")

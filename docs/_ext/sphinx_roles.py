@@ -3,7 +3,7 @@
 The docstrings cross-reference with Sphinx roles (``:func:`init```, ``:class:`~einmix_jax.EinMix```,
 ``:data:`COMPILED_APPLIES```), which Markdown would print as they are. This turns each role into
 an mkdocstrings cross-reference when it names a public object (resolved from the docstring's public
-module: ``init`` in ``einmix_jax._core`` is ``einmix_jax.init``); a private object it names becomes
+module: ``init`` in ``einmix_jax._layer`` is ``einmix_jax.init``); a private object it names becomes
 an optional one, a link where the site renders that object and plain code where it does not, so
 the build never meets a reference it cannot resolve. Attributes are documented as Sphinx reads
 them, by ``#:`` comments (on the lines above or at the end of the line); griffe reads only a
@@ -22,7 +22,13 @@ import griffe
 EXAMPLE = re.compile(r"^(\s*)Example:$", re.M)
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|obj|exc|data|const|type):`(~?)([\w.]+)`")
 DOC_COMMENT = re.compile(r"#:\s?(.*)$")
-PUBLIC_MODULES = ("einmix_jax", "einmix_jax.linen", "einmix_jax.nnx", "einmix_jax.eqx")
+PUBLIC_MODULES = (
+    "einmix_jax",
+    "einmix_jax.planning",
+    "einmix_jax.linen",
+    "einmix_jax.nnx",
+    "einmix_jax.eqx",
+)
 
 
 def _exists(path: str) -> bool:
@@ -68,6 +74,8 @@ def _public_module(obj: griffe.Object) -> str:
 def convert(text: str, obj: griffe.Object) -> str:
     def replace(match: re.Match) -> str:
         tilde, target = match.groups()
+        if target.startswith("."):  # relative to the docstring's package: ``._parse``
+            target = obj.package.path + target
         shown = target.rsplit(".", 1)[-1] if tilde else target
         for path in (target, f"{_public_module(obj)}.{target}"):
             if _exists(path):
