@@ -24,7 +24,9 @@ measurement, so nothing is reused but the library's own cached plan); XLA temp m
 fresh random order each round) and reported as medians of the per-round ratios to the best
 hand-written lowering, which are far steadier than absolute times on a shared machine. Every
 output and gradient is checked against ``rearrange+einsum`` before timing, and the optimized HLO
-of einmix is compared with that of each hand-written lowering.
+of einmix is compared with that of each hand-written lowering. The timing loop, the
+forward+backward function, the compile-time measurement and the closeness check are
+``harness.py``'s, shared with ``regret.py``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ import argparse
 import dataclasses
 import datetime
 import math
-import os
-import platform
 import random
 import re
 import statistics
@@ -45,26 +45,33 @@ from pathlib import Path
 from typing import Any
 
 import einops
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from einops.layers.flax import EinMix as EinopsEinMix
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's einmix_jax
+from harness import (
+    BF16,
+    F32,
+    Fn,
+    Impl,
+    Params,
+    cast,
+    close,
+    compile_time,
+    fwd_bwd,
+    machine,
+    repetitions,
+    timed,
+    write_results,
+)
+
 import einmix_jax
-from einmix_jax._measure import _timed  # the library's own timing loop (measured planning)
-
-Params = dict[str, jax.Array]
-Fn = Callable[[Any, jax.Array], jax.Array]
-
-F32, BF16 = jnp.float32, jnp.bfloat16
-
 
 # --------------------------------------------------------------------------------------------
-# Hand-written lowerings: functions of (core params, x); the compute dtype is applied by `_cast`.
+# Hand-written lowerings: functions of (core params, x); the compute dtype is applied by `cast`.
 # --------------------------------------------------------------------------------------------
 
 
@@ -315,19 +322,6 @@ TINY = Case(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Impl:
-    name: str
-    fn: Fn
-    params: Any
-    to_core: Callable[[Any], Params]  # its params gradient in the core's format
-    hand: bool = False
-
-
-def _cast(case: Case, p: Any, x: jax.Array) -> tuple[Any, jax.Array]:
-    return jax.tree.map(lambda a: a.astype(case.dtype), p), x.astype(case.dtype)
-
-
 def implementations(case: Case, params: Params, x: jax.Array) -> list[Impl]:
     """Every implementation of ``case``, sharing ``params``' values."""
     dtype = None if case.dtype == F32 else case.dtype
@@ -362,7 +356,7 @@ def implementations(case: Case, params: Params, x: jax.Array) -> list[Impl]:
     eo_bias_shape = jax.eval_shape(eo.init, jax.random.key(0), x)["params"]["bias"].shape
 
     def einops_fn(p: Params, x: jax.Array) -> jax.Array:
-        p, x = _cast(case, p, x)
+        p, x = cast(case.dtype, p, x)
         return eo.apply({"params": p}, x)
 
     eo_params = {"weight": params["weight"], "bias": params["bias"].reshape(eo_bias_shape)}
@@ -396,7 +390,7 @@ def implementations(case: Case, params: Params, x: jax.Array) -> list[Impl]:
     )
 
     def einsum_fn(p: Params, x: jax.Array) -> jax.Array:
-        p, x = _cast(case, p, x)
+        p, x = cast(case.dtype, p, x)
         if case.pre:
             x = einops.rearrange(x, case.pre, **pre_sizes)
         y = jnp.einsum(case.einsum, x, p["weight"])
@@ -410,7 +404,7 @@ def implementations(case: Case, params: Params, x: jax.Array) -> list[Impl]:
     for name, f in case.hand.items():
 
         def hand_fn(p: Params, x: jax.Array, f: Fn = f) -> jax.Array:
-            return f(*_cast(case, p, x))
+            return f(*cast(case.dtype, p, x))
 
         impls.append(Impl(f"hand: {name}", hand_fn, params, lambda g: g, hand=True))
     return impls
@@ -447,33 +441,6 @@ def hlo_signature(hlo: str, min_size: int = 1 << 16) -> list[str]:
     return sorted(lines)
 
 
-def _fwd_bwd(fn: Fn) -> Callable[..., Any]:
-    def loss(p: Any, x: jax.Array, ct: jax.Array) -> jax.Array:
-        return jnp.vdot(fn(p, x), ct)
-
-    return jax.value_and_grad(loss, argnums=(0, 1))
-
-
-def _close(name: str, what: str, got: Any, want: Any, dtype: Any) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if got.shape != want.shape:
-        raise AssertionError(f"{name}: {what} has shape {got.shape}, expected {want.shape}")
-    scale = np.max(np.abs(want)) + 1e-30
-    err = np.max(np.abs(got - want)) / scale
-    # bf16: sums of thousands of bf16 terms; float32 on an accelerator: its default dot precision
-    # (TF32 on NVIDIA GPUs, bf16 passes on TPUs)
-    tol = 6e-2 if dtype == BF16 else 1e-4 if jax.default_backend() == "cpu" else 2e-2
-    if err > tol:
-        raise AssertionError(f"{name}: {what} differs by {err:.2e} (relative to its max) > {tol}")
-
-
-def _compile_time(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
-    jax.clear_caches()
-    start = time.perf_counter()
-    compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
-    return time.perf_counter() - start, compiled
-
-
 def run_case(case: Case, rounds: int, compile_rounds: int, log: Callable[[str], None]) -> dict:
     key_w, key_x, key_ct = jax.random.split(jax.random.key(42), 3)
     params, _ = einmix_jax.init(
@@ -489,19 +456,19 @@ def run_case(case: Case, rounds: int, compile_rounds: int, log: Callable[[str], 
     ref = next(i for i in impls if i.name == "rearrange+einsum")
     y_ref = jax.jit(ref.fn)(ref.params, x)
     ct = jax.random.normal(key_ct, y_ref.shape, F32).astype(y_ref.dtype)
-    _, (g_ref, gx_ref) = jax.jit(_fwd_bwd(ref.fn))(ref.params, x, ct)
+    _, (g_ref, gx_ref) = jax.jit(fwd_bwd(ref.fn))(ref.params, x, ct)
 
     results = {i.name: Measured() for i in impls}
     fwd, fb = {}, {}
     for impl in impls:  # correctness, memory, warm-up
         fwd[impl.name] = jax.jit(impl.fn)
-        fb[impl.name] = jax.jit(_fwd_bwd(impl.fn))
+        fb[impl.name] = jax.jit(fwd_bwd(impl.fn))
         y = fwd[impl.name](impl.params, x)
-        _close(impl.name, "output", y, y_ref, case.dtype)
+        close(impl.name, "output", y, y_ref, case.dtype)
         _, (g, gx) = fb[impl.name](impl.params, x, ct)
         for name in g_ref:
-            _close(impl.name, f"{name} grad", impl.to_core(g)[name], g_ref[name], case.dtype)
-        _close(impl.name, "x grad", gx, gx_ref, case.dtype)
+            close(impl.name, f"{name} grad", impl.to_core(g)[name], g_ref[name], case.dtype)
+        close(impl.name, "x grad", gx, gx_ref, case.dtype)
         m = results[impl.name]
         compiled_fwd = fwd[impl.name].lower(impl.params, x).compile()
         compiled_fb = fb[impl.name].lower(impl.params, x, ct).compile()
@@ -515,25 +482,24 @@ def run_case(case: Case, rounds: int, compile_rounds: int, log: Callable[[str], 
     for _ in range(compile_rounds):  # first-call trace + compile, fresh caches every time
         for impl in order.sample(impls, len(impls)):
             m = results[impl.name]
-            m.compile_fwd.append(_compile_time(impl.fn, impl.params, x)[0])
-            m.compile_fb.append(_compile_time(_fwd_bwd(impl.fn), impl.params, x, ct)[0])
+            m.compile_fwd.append(compile_time(impl.fn, impl.params, x)[0])
+            m.compile_fb.append(compile_time(fwd_bwd(impl.fn), impl.params, x, ct)[0])
     for impl in impls:  # recompile for the timing loop (the caches were cleared)
         fwd[impl.name] = jax.jit(impl.fn)
-        fb[impl.name] = jax.jit(_fwd_bwd(impl.fn))
+        fb[impl.name] = jax.jit(fwd_bwd(impl.fn))
         jax.block_until_ready(fwd[impl.name](impl.params, x))
         jax.block_until_ready(fb[impl.name](impl.params, x, ct))
 
     # repetitions per measurement so that each lasts >= ~40 ms
     hand0 = next(i for i in impls if i.hand)
-    t_fwd = min(_timed(fwd[hand0.name], (hand0.params, x), 1) for _ in range(3))
-    t_fb = min(_timed(fb[hand0.name], (hand0.params, x, ct), 1) for _ in range(3))
-    reps_fwd = max(1, min(100, math.ceil(0.04 / t_fwd)))
-    reps_fb = max(1, min(100, math.ceil(0.04 / t_fb)))
+    t_fwd = min(timed(fwd[hand0.name], (hand0.params, x), 1) for _ in range(3))
+    t_fb = min(timed(fb[hand0.name], (hand0.params, x, ct), 1) for _ in range(3))
+    reps_fwd, reps_fb = repetitions(t_fwd), repetitions(t_fb)
     for _ in range(rounds):
         for impl in order.sample(impls, len(impls)):
             m = results[impl.name]
-            m.fwd.append(_timed(fwd[impl.name], (impl.params, x), reps_fwd))
-            m.fb.append(_timed(fb[impl.name], (impl.params, x, ct), reps_fb))
+            m.fwd.append(timed(fwd[impl.name], (impl.params, x), reps_fwd))
+            m.fb.append(timed(fb[impl.name], (impl.params, x, ct), reps_fb))
     return summarize(case, results, rounds)
 
 
@@ -602,7 +568,7 @@ def _same(same: tuple[list[str], list[str]]) -> str:
 
 
 def targets(results: list[dict]) -> list[str]:
-    """The issue's targets for the functional apply (and the linen layer), one line per case."""
+    """The targets for the functional apply (and the linen layer), one line per case."""
     lines = [
         "| case | einmix fwd | einmix fwd+bwd | linen fwd | linen fwd+bwd | compile vs einops "
         "(fwd / fwd+bwd) | temp vs best (fwd / fwd+bwd) | einops layer fwd / fwd+bwd | "
@@ -640,43 +606,6 @@ def targets(results: list[dict]) -> list[str]:
     )
     lines += ["", f"Worst einmix ratio: {worst[0]:.2f} (case {worst[1]}, {worst[2]})."]
     return lines
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.*)", f.read())
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-    return (
-        f"{cpu}, {os.cpu_count()} cores; {platform.system()} {platform.release()}; Python "
-        f"{platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}: {devices}); "
-        f"flax {flax.__version__}; einops {einops.__version__}; einmix_jax "
-        f"{einmix_jax.__version__}"
-    )
-
-
-BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
-
-
-def write_results(path: Path, text: str, tag: str = "", title: str = "Benchmark results") -> None:
-    """Replace the generated part of ``path`` (between the markers), keeping the prose around it.
-
-    ``tag`` names one of several generated sections (markers ``<!-- BEGIN GENERATED tag -->``).
-    """
-    begin, end = (f"{m[:-4]} {tag} -->" if tag else m for m in (BEGIN, END))
-    block = f"{begin}\n{text}\n{end}"
-    old = path.read_text() if path.exists() else f"# {title}\n\n{begin}\n{end}\n"
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        new = head + block + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

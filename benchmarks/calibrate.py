@@ -1,29 +1,35 @@
-"""Fit the planner's cost model (``einmix_jax._lower.SECONDS``) to measured candidate times.
+"""Fit the planner's cost model (a ``planning.Profile``'s seconds) to measured candidate times.
 
 Usage::
 
     python benchmarks/regret.py --seed 0 --json seed0.json      # measure every candidate
-    python benchmarks/calibrate.py seed0.json                    # fit; print constants, residuals
+    python benchmarks/calibrate.py seed0.json --out cpu.json     # fit; print the profile, residuals
     python benchmarks/calibrate.py seed0.json --check seed1.json # replay another corpus
 
-The model (see ``einmix_jax._lower``) predicts a candidate's time as a sum of terms, each a count
-(dot FLOPs, elements a dot reads and writes, dots, elements moved, elements a loop copies, loop
-iterations, elements of x and the output) times seconds per unit. The counts are exact; the
-seconds are fitted here by non-negative least squares on the relative error, over the forward
-and the forward+backward time of every candidate of every layer in the given ``regret.py --json``
-files. Candidates the file has no time for (e.g. a packing it did not measure) are skipped; the
-hand-written ``block-diagonal k=...`` rows stand for the planner's x-first packing of ``k`` groups.
+The model (see ``einmix_jax.planning.terms``) predicts a candidate's time as a sum of terms
+(``planning.TERMS``), each a count (dot FLOPs, elements a dot reads and writes, dots, elements
+moved, elements a loop copies, loop iterations, elements of x and the output) times seconds per
+unit. The counts are exact; the seconds are fitted here by non-negative least squares on the
+relative error, over the forward and the forward+backward time of every candidate of every layer
+in the given ``regret.py --json`` files. Candidates the file has no time for (e.g. a packing it
+did not measure) are skipped; the hand-written ``block-diagonal k=...`` rows stand for the
+planner's x-first packing of ``k`` groups.
 
-It prints the fitted seconds (paste them into ``SECONDS``), the residuals (median and p90 of
-|predicted / measured - 1|, per kind of layer) and a replay: the regret the planner would have on
-the measured layers with the current and with the fitted constants (its choice among the measured
-candidates, timed against the fastest implementation measured). ``--check`` replays other files
-with the fitted constants without fitting on them (the held-out corpus).
+The fitted profile is the profile in use for the files' backend (``planning.profile(platform,
+device_count)``, as regret.py recorded them) with the fitted seconds: its thresholds and forms are
+kept. It is printed as JSON (``Profile.to_json()``) and, with ``--out PATH``, written there;
+``einmix_jax.planning.load_profile(PATH)`` plans with it, with no edit to the library. Then come
+the residuals (median and p90 of |predicted / measured - 1|, per kind of layer) and a replay: the
+regret the planner would have on the measured layers with the current and with the fitted
+profile (its choice among the measured candidates, timed against the fastest implementation
+measured). ``--check`` replays other files with the fitted profile without fitting on them (the
+held-out corpus).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -35,7 +41,7 @@ from scipy.optimize import nnls
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's einmix_jax
 import einmix_jax as em
-from einmix_jax import _lower
+from einmix_jax import planning
 
 Sample = tuple[dict[str, float], dict[str, float], float, float]  # fwd terms, bwd terms, times
 
@@ -48,7 +54,7 @@ def _layer(record: dict[str, Any]) -> tuple[Any, tuple[int, ...]]:
     return mix.plan, tuple(record["x_shape"])
 
 
-def _measured(record: dict[str, Any], choice: _lower.Choice) -> dict[str, Any] | None:
+def _measured(record: dict[str, Any], choice: planning.Choice) -> dict[str, Any] | None:
     """The record's row for a candidate, if it was timed."""
     row = record["rows"].get("cand: " + choice.label)
     c = choice.candidate
@@ -57,14 +63,16 @@ def _measured(record: dict[str, Any], choice: _lower.Choice) -> dict[str, Any] |
     return row
 
 
-def samples(record: dict[str, Any], loops: bool) -> list[tuple[_lower.Choice, Sample]]:
-    """Every timed candidate of a record with its terms and its times (s)."""
+def samples(
+    record: dict[str, Any], loops: bool, profile: planning.Profile
+) -> list[tuple[planning.Choice, Sample]]:
+    """Every timed candidate of a record, costed with ``profile``, with its terms and times (s)."""
     plan, x_shape = _layer(record)
     out = []
-    for choice in _lower.candidates(plan, x_shape, loops):
+    for choice in planning.candidates(plan, x_shape, loops, profile=profile):
         row = _measured(record, choice)
         if row is not None:
-            fwd, bwd = _lower.terms(plan, x_shape, choice)
+            fwd, bwd = planning.terms(plan, x_shape, choice)
             out.append((choice, (fwd, bwd, row["fwd_ms"] / 1e3, row["fb_ms"] / 1e3)))
     return out
 
@@ -73,26 +81,36 @@ def fit(data: list[Sample]) -> dict[str, float]:
     """Seconds per term minimizing the squared relative error of forward and fwd+bwd times."""
     rows, weights = [], []
     for fwd, bwd, t_fwd, t_fb in data:
-        rows.append([fwd[t] / t_fwd for t in _lower.TERMS])
-        rows.append([(fwd[t] + bwd[t]) / t_fb for t in _lower.TERMS])
+        rows.append([fwd[t] / t_fwd for t in planning.TERMS])
+        rows.append([(fwd[t] + bwd[t]) / t_fb for t in planning.TERMS])
         weights += [1.0, 1.0]
     a = np.array(rows, dtype=np.float64)
     scale = a.max(axis=0)  # columns of similar size for the solver
     scale[scale == 0] = 1.0
     x, _ = nnls(a / scale, np.ones(len(rows)))
-    return {t: float(v / s) for t, v, s in zip(_lower.TERMS, x, scale, strict=True)}
+    return {t: float(v / s) for t, v, s in zip(planning.TERMS, x, scale, strict=True)}
 
 
-def _predict(seconds: dict[str, float], terms: dict[str, float]) -> float:
-    return sum(seconds[t] * terms[t] for t in _lower.TERMS)
+def fitted_profile(
+    base: planning.Profile, seconds: dict[str, float], name: str
+) -> planning.Profile:
+    """``base`` with ``seconds`` (to 3 significant digits) and ``name``: thresholds and forms kept.
+
+    Example:
+        >>> p = fitted_profile(planning.XLA_CPU, dict.fromkeys(planning.TERMS, 1e-10), "mine")
+        >>> p.loops == planning.XLA_CPU.loops, p.seconds_of({"flop": 2})
+        (True, 2e-10)
+    """
+    rounded = tuple((t, float(f"{seconds[t]:.3g}")) for t in planning.TERMS)
+    return dataclasses.replace(base, seconds=rounded, name=name)
 
 
-def residuals(data: list[tuple[str, Sample]], seconds: dict[str, float]) -> list[str]:
+def residuals(data: list[tuple[str, Sample]], profile: planning.Profile) -> list[str]:
     """|predicted / measured - 1|: median and p90, overall and per kind, forward and fwd+bwd."""
     by_kind: dict[str, list[tuple[float, float]]] = {}
     for kind, (fwd, bwd, t_fwd, t_fb) in data:
-        p_fwd = _predict(seconds, fwd)
-        p_fb = p_fwd + _predict(seconds, bwd)
+        p_fwd = profile.seconds_of(fwd)
+        p_fb = p_fwd + profile.seconds_of(bwd)
         err = (abs(p_fwd / t_fwd - 1), abs(p_fb / t_fb - 1))
         by_kind.setdefault(kind, []).append(err)
         by_kind.setdefault("(all)", []).append(err)
@@ -107,25 +125,20 @@ def residuals(data: list[tuple[str, Sample]], seconds: dict[str, float]) -> list
     return lines
 
 
-def replay(records: list[dict[str, Any]], loops: bool, seconds: dict[str, float]) -> list[str]:
-    """The planner's regret on measured layers if it used ``seconds``: median, p90, max."""
-    saved = dict(_lower.SECONDS)
-    _lower.SECONDS.update(seconds)
-    try:
-        regrets: dict[str, list[float]] = {"fwd": [], "fwd+bwd": []}
-        worst = []
-        for i, record in enumerate(records):
-            timed = samples(record, loops)
-            chosen = _lower.choose([c for c, _ in timed])
-            t = next(s for c, s in timed if c is chosen)
-            best_fwd = min(r["fwd_ms"] for r in record["rows"].values()) / 1e3
-            best_fb = min(r["fb_ms"] for r in record["rows"].values()) / 1e3
-            r_fwd, r_fb = t[2] / best_fwd, t[3] / best_fb
-            regrets["fwd"].append(r_fwd)
-            regrets["fwd+bwd"].append(r_fb)
-            worst.append((max(r_fwd, r_fb), i, record, chosen.label, r_fwd, r_fb))
-    finally:
-        _lower.SECONDS.update(saved)
+def replay(records: list[dict[str, Any]], loops: bool, profile: planning.Profile) -> list[str]:
+    """The planner's regret on measured layers if it planned with ``profile``: median, p90, max."""
+    regrets: dict[str, list[float]] = {"fwd": [], "fwd+bwd": []}
+    worst = []
+    for i, record in enumerate(records):
+        timed = samples(record, loops, profile)
+        chosen = planning.choose([c for c, _ in timed])
+        t = next(s for c, s in timed if c is chosen)
+        best_fwd = min(r["fwd_ms"] for r in record["rows"].values()) / 1e3
+        best_fb = min(r["fb_ms"] for r in record["rows"].values()) / 1e3
+        r_fwd, r_fb = t[2] / best_fwd, t[3] / best_fb
+        regrets["fwd"].append(r_fwd)
+        regrets["fwd+bwd"].append(r_fb)
+        worst.append((max(r_fwd, r_fb), i, record, chosen.label, r_fwd, r_fb))
     lines = [
         f"regret {m}: median {statistics.median(v):.2f}, p90 {np.percentile(v, 90):.2f}, "
         f"max {max(v):.2f}"
@@ -139,30 +152,53 @@ def replay(records: list[dict[str, Any]], loops: bool, seconds: dict[str, float]
     return lines
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def base_profile(runs: list[dict[str, Any]]) -> planning.Profile:
+    """The profile in use for the backend the runs were timed on (this one's, if unrecorded)."""
+    backends = {(run.get("platform"), run.get("device_count")) for run in runs}
+    if len(backends) > 1:
+        raise SystemExit(
+            f"the files were timed on different backends: {sorted(map(str, backends))}"
+        )
+    platform, device_count = backends.pop()
+    return planning.profile(platform, device_count)
+
+
+def main(argv: list[str] | None = None) -> planning.Profile:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path, help="regret.py --json files to fit on")
     parser.add_argument("--check", nargs="*", type=Path, default=[], help="replay these only")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the fitted profile here (JSON)"
+    )
+    parser.add_argument("--name", default=None, help="the fitted profile's name")
     args = parser.parse_args(argv)
     runs = [json.loads(p.read_text()) for p in args.json]
+    current = base_profile(runs)
     data: list[tuple[str, Sample]] = []
     for run in runs:
         for record in run["records"]:
-            data += [(record["kind"], s) for _, s in samples(record, run["loops"])]
-    fitted = fit([s for _, s in data])
+            data += [(record["kind"], s) for _, s in samples(record, run["loops"], current)]
+    files = ", ".join(p.name for p in args.json)
+    name = args.name or f"{current.platform}, fitted by calibrate.py to {files}"
+    fitted = fitted_profile(current, fit([s for _, s in data]), name)
     print(f"{len(data)} candidate timings of {sum(len(r['records']) for r in runs)} layers\n")
-    print("SECONDS = {")
-    for t in _lower.TERMS:
-        print(f'    "{t}": {fitted[t]:.3g},  # was {_lower.SECONDS[t]:.3g}')
-    print("}\n\nResiduals with the fitted constants:")
+    print(f"Fitted profile (the seconds of {current.name!r} refitted):")
+    print(fitted.to_json())
+    print("\nSeconds per unit, fitted (current):")
+    for (t, s), (_, was) in zip(fitted.seconds, current.seconds, strict=True):
+        print(f"  {t:20} {s:.3g} ({was:.3g})")
+    if args.out is not None:
+        args.out.write_text(fitted.to_json() + "\n")
+        print(f"\nWritten to {args.out}: einmix_jax.planning.load_profile({str(args.out)!r})")
+    print("\nResiduals with the fitted profile:")
     print("\n".join(residuals(data, fitted)))
-    for name, seconds in (("current", dict(_lower.SECONDS)), ("fitted", fitted)):
+    for label, p in (("current", current), ("fitted", fitted)):
         for path, run in zip(args.json, runs, strict=True):
-            print(f"\nReplay of {path} with the {name} constants:")
-            print("\n".join(replay(run["records"], run["loops"], seconds)))
+            print(f"\nReplay of {path} with the {label} profile:")
+            print("\n".join(replay(run["records"], run["loops"], p)))
     for path in args.check:
         run = json.loads(path.read_text())
-        print(f"\nReplay of {path} (held out) with the fitted constants:")
+        print(f"\nReplay of {path} (held out) with the fitted profile:")
         print("\n".join(replay(run["records"], run["loops"], fitted)))
     return fitted
 

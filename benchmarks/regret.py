@@ -15,23 +15,25 @@ hand: change the generator, not a layer.
 
 For each layer, in one process, on the same input and parameter values:
 
-* ``cand: <label>`` -- every candidate of ``einmix_jax._lower.candidates`` (on this backend's
-  candidate set), each built into its Lowering and run by ``_core.apply_lowering`` under
-  ``jax.jit``; the planner's choice is the first cheapest, marked ``chosen``;
-* ``flax path`` -- ``lower(..., stored_weight=True)``, what ``einmix_jax.linen.EinMix`` runs;
-* ``measured pick`` -- the lowering ``einmix_jax.measured_planning()`` chooses (it times the cost
-  model's cheapest candidate of each kind and the next cheapest, up to 4, itself, before the
-  rounds below);
+* ``cand: <label>`` -- every candidate of ``einmix_jax.planning.candidates`` (on the candidate
+  set of this backend's profile, ``planning.profile()``), each built into its Lowering by
+  ``planning.build`` and run by ``planning.apply_lowering`` under ``jax.jit``; the planner's
+  choice (``planning.choose``) is the first cheapest, marked ``chosen``;
+* ``flax path`` -- ``planning.lower(..., stored_weight=True)``, what ``einmix_jax.linen.EinMix``
+  runs;
+* ``measured pick`` -- the lowering ``einmix_jax.measured_planning()`` chooses, read off
+  ``einmix_jax.describe(layer, x).lowering`` inside it (it times the cost model's cheapest
+  candidate of each kind and the next cheapest, up to 4, itself, before the rounds below);
 * ``rearrange+einsum`` -- ``einops.rearrange`` + ``jnp.einsum`` + bias (einops' own lowering);
 * ``einops layer`` -- ``einops.layers.flax.EinMix`` (its bias stored with broadcast 1s);
 * ``block-diagonal k=...`` (grouped layers) -- ``k`` groups packed into one block-diagonal
   ``(k c, k d)`` weight built inside the jitted function (its gradient flows to ``(g, c, d)``).
 
 Forward and forward+backward (value and gradient of ``vdot(y, ct)`` w.r.t. params and x) are
-timed interleaved round-robin, in a fresh random order each round, as in bench.py; candidates whose
-optimized HLO is identical are timed once, and one more than ``PRUNE`` times slower than the
-chosen one on a single warm call (forward and forward+backward) is not timed further. Every ratio
-is a median of per-round ratios. The regret is ``max over implementations of median(t_chosen /
+timed interleaved round-robin, in a fresh random order each round, with ``harness.py``'s timing
+loop, as in bench.py; candidates whose optimized HLO is identical are timed once, and one more
+than ``PRUNE`` times slower than the chosen one on a single warm call (forward and
+forward+backward) is not timed further. Every ratio is a median of per-round ratios. The regret is ``max over implementations of median(t_chosen /
 t_impl)`` (so >= 1: the chosen one is among them). That maximum over ~16 noisy medians reads
 high even where every implementation runs the same program (the winner's curse), so the *split
 regret* is also reported: the implementation to compare with is picked on the even rounds and the
@@ -62,22 +64,33 @@ import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench import BF16, F32, Impl, _close, _compile_time, _fwd_bwd, _timed, machine, write_results
 from einops.layers.flax import EinMix as EinopsEinMix
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's einmix_jax
-import einmix_jax as em
-from einmix_jax import _lower
-from einmix_jax._core import _lowering, apply_lowering
+from harness import (
+    BF16,
+    F32,
+    Impl,
+    Params,
+    cast,
+    close,
+    compile_time,
+    fwd_bwd,
+    machine,
+    repetitions,
+    timed,
+    write_results,
+)
 
-Params = dict[str, jax.Array]
+import einmix_jax as em
+from einmix_jax import planning
 
 #: an implementation this many times slower than the chosen one (fwd and fwd+bwd, one call) is
 #: not timed in rounds: it cannot be the fastest (e.g. a large weight broadcast over many rows)
 PRUNE = 3.0
 
-#: the issue's targets: (metric, statistic) -> limit
+#: the targets: (metric, statistic) -> limit
 TARGETS = {
     ("regret fwd", "median"): 1.02,
     ("regret fwd", "p90"): 1.10,
@@ -352,10 +365,6 @@ def tiny_corpus(seed: int, n: int, kinds: tuple[str, ...] | None = None) -> list
 # --------------------------------------------------------------------------------------------
 
 
-def _cast(dtype: Any, p: Any, x: jax.Array) -> tuple[Any, jax.Array]:
-    return jax.tree.map(lambda a: a.astype(dtype), p), x.astype(dtype)
-
-
 def einsum_fn(layer: Layer, dtype: Any) -> Callable[[Params, jax.Array], jax.Array]:
     """``rearrange`` to flat axes, ``jnp.einsum``, the bias with unit axes, ``rearrange`` back."""
     left, right = (s.strip() for s in layer.pattern.split("->"))
@@ -372,7 +381,7 @@ def einsum_fn(layer: Layer, dtype: Any) -> Callable[[Params, jax.Array], jax.Arr
     after = out_flat[out_flat.index("...") + 1 :] if "..." in out_flat else out_flat
 
     def f(p: Params, x: jax.Array) -> jax.Array:
-        p, x = _cast(dtype, p, x)
+        p, x = cast(dtype, p, x)
         x = einops.rearrange(x, f"{left} -> {' '.join(x_flat)}", **lengths)
         y = jnp.einsum(spec, x, p["weight"])
         y = y + p["bias"].reshape([layer.sizes[a] if a in bias_axes else 1 for a in after])
@@ -385,7 +394,7 @@ def block_diagonal(k: int, dtype: Any) -> Callable[[Params, jax.Array], jax.Arra
     """Grouped ``'b t (g c) -> b t (g d)'``: pack ``k`` groups into a (k c, k d) block-diagonal."""
 
     def f(p: Params, x: jax.Array) -> jax.Array:
-        p, x = _cast(dtype, p, x)
+        p, x = cast(dtype, p, x)
         w = p["weight"]
         g, c, d = w.shape
         n = g // k
@@ -413,7 +422,7 @@ def _packings(g: int, c: int) -> list[int]:
 
 def implementations(
     layer: Layer, params: Params, x: jax.Array, dtype: Any, loops: bool
-) -> tuple[list[Impl], dict[str, _lower.Choice], str]:
+) -> tuple[list[Impl], dict[str, planning.Choice], str]:
     """Every implementation of ``layer``; the candidates by name; the chosen one's name."""
     mix = em.layer(
         layer.pattern,
@@ -423,29 +432,29 @@ def implementations(
         **layer.axes,
     )
     plan, shape = mix.plan, tuple(x.shape)
-    choices = _lower.candidates(plan, shape, loops)
-    chosen = "cand: " + _lower.choose(choices).label
+    choices = planning.candidates(plan, shape, loops)
+    chosen = "cand: " + planning.choose(choices).label
     impls, by_name = [], {}
     for choice in choices:
-        low = _lower.build(plan, shape, choice)
+        low = planning.build(plan, shape, choice)
         name = "cand: " + choice.label
         by_name[name] = choice
 
-        def cand(p: Params, x: jax.Array, low: _lower.Lowering = low) -> jax.Array:
-            return apply_lowering(low, p, x, mix)
+        def cand(p: Params, x: jax.Array, low: planning.Lowering = low) -> jax.Array:
+            return planning.apply_lowering(low, p, x, mix)
 
         impls.append(Impl(name, cand, params, lambda g: g))
-    stored = _lower.lower(plan, shape, stored_weight=True)
+    stored = planning.lower(plan, shape, stored_weight=True)
 
     def flax_path(p: Params, x: jax.Array) -> jax.Array:
-        return apply_lowering(stored, p, x, mix)
+        return planning.apply_lowering(stored, p, x, mix)
 
     impls.append(Impl("flax path", flax_path, params, lambda g: g))
     with em.measured_planning():  # the opt-in measured choice (times the top 4 itself)
-        measured = _lowering(mix, params["weight"].astype(F32), params["bias"], x)
+        measured = em.describe(mix, x).lowering  # what apply runs for x, its dtype included
 
     def measured_pick(p: Params, x: jax.Array) -> jax.Array:
-        return apply_lowering(measured, p, x, mix)
+        return planning.apply_lowering(measured, p, x, mix)
 
     impls.append(Impl("measured pick", measured_pick, params, lambda g: g))
     impls.append(Impl("rearrange+einsum", einsum_fn(layer, dtype), params, lambda g: g))
@@ -454,7 +463,7 @@ def implementations(
     eo_bias_shape = jax.eval_shape(eo.init, jax.random.key(0), x)["params"]["bias"].shape
 
     def einops_fn(p: Params, x: jax.Array) -> jax.Array:
-        p, x = _cast(dtype, p, x)
+        p, x = cast(dtype, p, x)
         y: jax.Array = eo.apply({"params": p}, x)  # type: ignore[assignment]
         return y
 
@@ -519,7 +528,7 @@ def run_layer(
     ref = next(i for i in impls if i.name == "rearrange+einsum")
     y_ref = jax.jit(ref.fn)(ref.params, x)
     ct = jax.random.normal(key_ct, y_ref.shape, F32).astype(y_ref.dtype)
-    _, (g_ref, gx_ref) = jax.jit(_fwd_bwd(ref.fn))(ref.params, x, ct)
+    _, (g_ref, gx_ref) = jax.jit(fwd_bwd(ref.fn))(ref.params, x, ct)
 
     same: dict[str, str] = {}  # implementation -> the one with its very HLO (timed instead)
     seen: dict[tuple[str, str], str] = {}
@@ -528,18 +537,18 @@ def run_layer(
 
     def compile_both(impl: Impl) -> tuple[Any, Any]:
         fwd = jax.jit(impl.fn).lower(impl.params, x).compile()
-        return fwd, jax.jit(_fwd_bwd(impl.fn)).lower(impl.params, x, ct).compile()
+        return fwd, jax.jit(fwd_bwd(impl.fn)).lower(impl.params, x, ct).compile()
 
     # XLA compiles in parallel threads (jobs > 1 on a machine with spare cores, e.g. a GPU host)
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         compiled = list(pool.map(compile_both, impls))
     for impl, (fwd, fb) in zip(impls, compiled, strict=True):  # correctness; identical programs
         fwd_fns[impl.name], fb_fns[impl.name] = fwd, fb
-        _close(impl.name, "output", fwd(impl.params, x), y_ref, dtype)
+        close(impl.name, "output", fwd(impl.params, x), y_ref, dtype)
         _, (g, gx) = fb(impl.params, x, ct)
         for name in g_ref:
-            _close(impl.name, f"{name} grad", impl.to_core(g)[name], g_ref[name], dtype)
-        _close(impl.name, "x grad", gx, gx_ref, dtype)
+            close(impl.name, f"{name} grad", impl.to_core(g)[name], g_ref[name], dtype)
+        close(impl.name, "x grad", gx, gx_ref, dtype)
         if impl.name.startswith("cand: ") or impl.name in ("flax path", "measured pick"):
             same[impl.name] = seen.setdefault((_signature(fwd), _signature(fb)), impl.name)
 
@@ -550,39 +559,38 @@ def run_layer(
         for name in order.sample([chosen, "einops layer"], 2):
             impl = by_name[name]
             c = compile_times.setdefault(name, {"fwd": [], "fb": []})
-            c["fwd"].append(_compile_time(impl.fn, impl.params, x)[0])
-            c["fb"].append(_compile_time(_fwd_bwd(impl.fn), impl.params, x, ct)[0])
+            c["fwd"].append(compile_time(impl.fn, impl.params, x)[0])
+            c["fb"].append(compile_time(fwd_bwd(impl.fn), impl.params, x, ct)[0])
 
-    timed = [i for i in impls if same.get(i.name, i.name) == i.name]
+    distinct = [i for i in impls if same.get(i.name, i.name) == i.name]
     once: dict[str, dict[str, float]] = {}  # one call each (the first one warms up)
-    for i in timed:
+    for i in distinct:
         jax.block_until_ready(fwd_fns[i.name](i.params, x))
         jax.block_until_ready(fb_fns[i.name](i.params, x, ct))
         once[i.name] = {
-            "fwd": _timed(fwd_fns[i.name], (i.params, x), 1),
-            "fb": _timed(fb_fns[i.name], (i.params, x, ct), 1),
+            "fwd": timed(fwd_fns[i.name], (i.params, x), 1),
+            "fb": timed(fb_fns[i.name], (i.params, x, ct), 1),
         }
     base = by_name[same[chosen]]
-    t_fwd = min(_timed(fwd_fns[base.name], (base.params, x), 1) for _ in range(3))
-    t_fb = min(_timed(fb_fns[base.name], (base.params, x, ct), 1) for _ in range(3))
+    t_fwd = min(timed(fwd_fns[base.name], (base.params, x), 1) for _ in range(3))
+    t_fb = min(timed(fb_fns[base.name], (base.params, x, ct), 1) for _ in range(3))
     # An implementation PRUNE times slower than the chosen one in both metrics, on one call,
     # cannot be the fastest: it is not timed in rounds (its single call stands for it).
     pruned = {n for n, t in once.items() if t["fwd"] > PRUNE * t_fwd and t["fb"] > PRUNE * t_fb} - {
         base.name
     }
-    reps_fwd = max(1, min(100, math.ceil(min_time / t_fwd)))
-    reps_fb = max(1, min(100, math.ceil(min_time / t_fb)))
+    reps_fwd, reps_fb = repetitions(t_fwd, min_time), repetitions(t_fb, min_time)
     times: dict[str, dict[str, list[float]]] = {
         n: {m: [once[n][m]] * rounds for m in ("fwd", "fb")}
         if n in pruned
         else {"fwd": [], "fb": []}
         for n in once
     }
-    rounds_timed = [i for i in timed if i.name not in pruned]
+    rounds_timed = [i for i in distinct if i.name not in pruned]
     for _ in range(rounds):
         for i in order.sample(rounds_timed, len(rounds_timed)):
-            times[i.name]["fwd"].append(_timed(fwd_fns[i.name], (i.params, x), reps_fwd))
-            times[i.name]["fb"].append(_timed(fb_fns[i.name], (i.params, x, ct), reps_fb))
+            times[i.name]["fwd"].append(timed(fwd_fns[i.name], (i.params, x), reps_fwd))
+            times[i.name]["fb"].append(timed(fb_fns[i.name], (i.params, x, ct), reps_fb))
     for name, rep in same.items():
         times[name] = times[rep]
     record = summarize(layer, impls, choices, chosen, same, times, compile_times)
@@ -609,7 +617,7 @@ def split_regret(times: dict[str, dict[str, list[float]]], chosen: str, m: str) 
 def summarize(
     layer: Layer,
     impls: list[Impl],
-    choices: dict[str, _lower.Choice],
+    choices: dict[str, planning.Choice],
     chosen: str,
     same: dict[str, str],
     times: dict[str, dict[str, list[float]]],
@@ -700,14 +708,16 @@ def distribution(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def candidate_sets() -> str:
-    """Which candidates each backend's planner chooses from."""
+    """Which candidates each backend's planner chooses from (its profile says)."""
     here = jax.default_backend()
-    loops = _lower._loops_pay_off()
+    p = planning.profile()
     return (
-        "Candidate sets: on a single XLA:CPU device the planner considers every candidate, loops "
-        "(`lax.map` over leading x-only axes) included; on accelerators (GPU, TPU) and on several "
+        "Candidate sets: the backend's profile (`planning.profile()`) says which forms the planner "
+        "considers; on a single XLA:CPU device every candidate, loops (`lax.map` over leading "
+        "x-only axes) included; on a backend nobody has measured (GPU, TPU) and on several "
         "devices it never loops (broadcast and batched forms only). This run: "
-        f"`{here}`, {jax.device_count()} device(s), loops {'allowed' if loops else 'not considered'}."
+        f"`{here}`, {jax.device_count()} device(s), profile {p.name!r}, loops "
+        f"{'allowed' if p.loops else 'not considered'}."
     )
 
 
@@ -807,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compile_rounds = args.compile_rounds or (1 if args.tiny or args.quick else 3)
     min_time = min(args.min_time, 0.002) if args.tiny else args.min_time
     dtype = BF16 if args.dtype == "bfloat16" else F32
-    loops = {"auto": _lower._loops_pay_off(), "on": True, "off": False}[args.loops]
+    loops = {"auto": planning.profile().loops, "on": True, "off": False}[args.loops]
     kinds = None if args.kinds is None else tuple(args.kinds)
     layers = tiny_corpus(args.seed, n, kinds) if args.tiny else corpus(args.seed, n, kinds=kinds)
 
@@ -845,6 +855,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "dtype": args.dtype,
         "loops": loops,
+        # the backend the timings are of: calibrate.py refits this backend's profile
+        "platform": jax.default_backend(),
+        "device_count": jax.device_count(),
         "records": records,
         "distribution": dist,
     }

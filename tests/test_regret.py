@@ -58,18 +58,30 @@ def test_regret_benchmark_smoke(tmp_path):
     assert any(n.startswith("block-diagonal k=") for n in grouped["rows"])  # hand-written
     assert any("packed block-diagonal" in n for n in grouped["rows"])  # the planner's
 
-    # the calibration script fits the cost model to these timings
+    # the calibration script fits the cost model to these timings and writes the profile
+    fitted = tmp_path / "profile.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), str(out), "--check", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "calibrate.py"),
+            str(out),
+            "--check",
+            str(out),
+            "--out",
+            str(fitted),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    from einmix_jax import _lower
+    from einmix_jax import planning
 
-    for term in _lower.TERMS:
+    for term in planning.TERMS:
         assert f'"{term}": ' in result.stdout
+    profile = planning.Profile.from_json(fitted.read_text())  # what load_profile reads
+    assert profile.to_json() in result.stdout  # the profile printed is the one written
+    assert profile.platform == report["platform"] and profile.loops == report["loops"]
     assert "Residuals" in result.stdout and "(held out)" in result.stdout
     assert result.stdout.count("regret fwd+bwd: median") == 3  # current, fitted, held out
