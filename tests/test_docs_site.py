@@ -50,7 +50,7 @@ def site(tmp_path_factory) -> Path:
 def api_pages(site) -> dict[str, str]:
     """The built site's API pages, ``{'einmix_jax': html, 'linen': html, ...}``."""
     pages = {page.parent.name: page.read_text() for page in (site / "api").glob("*/index.html")}
-    assert set(pages) == {"einmix_jax", "linen", "nnx", "eqx"}, sorted(pages)
+    assert set(pages) == {"einmix_jax", "linen", "nnx", "eqx", "planning"}, sorted(pages)
     return pages
 
 
