@@ -38,18 +38,18 @@ if TYPE_CHECKING:
 
 Params = dict[str, jax.Array]
 
-#: What a call runs: the planner's choice ('planned': the functional apply, the Equinox layer),
-#: or the Flax layers' form, the weight as stored ('stored': x moved to a GEMM view; 'as given':
-#: x with ``nn.Dense``'s axes, while a tool may intercept the contraction).
+#: What a call runs: the planner's choice ('planned'), or the weight as stored, untouched, as
+#: the right operand of the dot ('stored': x moved to a GEMM view, for a weight that is a tool's
+#: container; 'as given': x with ``nn.Dense``'s axes, for a Flax layer while a tool may intercept
+#: the contraction).
 FORMS = ("planned", "stored", "as given")
 
 
 def form_of(layer: EinMix, weight_as_stored: bool) -> str:
-    """The form a call runs (:data:`FORMS`): the Flax layers' keeps x as given while a tool may
-    intercept the contraction (a hook, or a patched ``jax.lax.dot_general``)."""
-    if not weight_as_stored:
-        return "planned"
-    return "as given" if intercepted(layer) else "stored"
+    """The form a call runs (:data:`FORMS`): the planner's choice, except in a Flax layer
+    (``weight_as_stored``) while a tool may intercept the contraction (a hook, or a patched
+    ``jax.lax.dot_general``): then x as given and the weight as stored, as ``nn.Dense`` does."""
+    return "as given" if weight_as_stored and intercepted(layer) else "planned"
 
 
 def runs_sharded(layer: EinMix) -> bool:
@@ -79,11 +79,13 @@ def lowering_for(
         'x first'
     """
     shape = tuple(x.shape)
+    abstract = is_array(weight) or isinstance(weight, jax.ShapeDtypeStruct)
+    if form == "planned" and not abstract:  # a tool's container: it cannot be moved
+        form = "stored"
     if form != "planned":
         return lower(layer.plan, shape, stored_weight=True, x_as_given=form == "as given")
     packs = False if _sharded_weight(weight) else None
-    abstract = is_array(weight) or isinstance(weight, jax.ShapeDtypeStruct)
-    if not (measure and measuring()) or not abstract:  # a tool's container: as planned
+    if not (measure and measuring()):
         return lower(layer.plan, shape, packs=packs)
 
     def run(low: Lowering, w: jax.Array, b: jax.Array | None, x: jax.Array) -> jax.Array:
@@ -152,11 +154,12 @@ def apply_traced(
 ) -> jax.Array:
     """Apply ``layer`` inside the caller's trace, as a module does: no jit of its own.
 
-    With ``weight_as_stored`` (the Flax layers), the stored weight is the second operand of
-    ``jax.lax.dot_general`` (looked up at call time), untouched, like ``nn.Dense``'s kernel, so
-    tools that intercept the contraction while a module is traced (qwix's quantization and LoRA)
-    see it and may hand in a quantized container instead of an array. Without it (the Equinox
-    layer, which no such tool intercepts) the planner picks from every lowering.
+    The planner picks from every lowering, as for the functional apply. With
+    ``weight_as_stored`` (the Flax layers), while a tool intercepts the contraction (qwix's
+    quantization and LoRA patch ``jax.lax.dot_general`` while a module is traced) or the layer
+    has a hook, the stored weight is instead the second operand of ``jax.lax.dot_general``
+    (looked up at call time), untouched, and x has ``nn.Dense``'s axes, so the tool sees what it
+    sees in ``nn.Dense`` and may hand in a quantized container instead of an array.
 
     Example:
         >>> layer = einmix_jax.layer('b (h c) -> b (h d)', weight_shape='h c d', h=2, c=3, d=4)

@@ -68,7 +68,8 @@ class Description:
     @property
     def strategy(self) -> str:
         """The lowering picked: ``'x first'``, ``'w first'``, ``'broadcast batch'``, ``'loop'``,
-        ``'block-diagonal'`` or (the Flax layers) ``'weight as stored'``."""
+        ``'block-diagonal'`` or ``'weight as stored'`` (a Flax layer under an interception
+        tool)."""
         return self.lowering.strategy
 
     @property
@@ -138,7 +139,8 @@ def describe(
         layer_or_pattern: a functional layer (from :func:`einmix_jax.layer` or
             :func:`einmix_jax.init`), a ``einmix_jax.linen.EinMix``, ``einmix_jax.nnx.EinMix`` or
             ``einmix_jax.eqx.EinMix`` module (a Flax layer is described with the lowering it
-            runs: the weight as stored, see ``einmix_jax._lower``), or a pattern string (then ``weight_shape``, ``bias_shape`` and ``axes`` as
+            runs: the planner's choice, or, while a tool intercepts the contraction, the weight
+            as stored), or a pattern string (then ``weight_shape``, ``bias_shape`` and ``axes`` as
             for :func:`einmix_jax.layer`; weight and bias lengths the input fixes may be left out).
         x_shape: the input shape, a tuple of non-negative integers, or anything with a
             ``.shape`` (an array, a ``jax.ShapeDtypeStruct``).
@@ -185,7 +187,7 @@ def describe(
                 f"{type(layer_or_pattern).__name__} already carries them"
             )
         mix = _functional(layer_or_pattern, shape)
-        # the Flax layers run the lowering that hands dot_general the weight as stored
+        # a Flax layer hands dot_general the weight as stored while a tool may intercept it
         weight_as_stored = bool(getattr(type(layer_or_pattern), "weight_as_stored", False))
         if getattr(layer_or_pattern, "dot_general_cls", None) is not None:
             mix = mix.replace(dot_general=layer_or_pattern.dot_general_cls)  # a hook, as it runs

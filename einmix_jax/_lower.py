@@ -454,10 +454,14 @@ def candidates(
         found = [(ax, order)]
     else:
         found = [(ax, c) for c in _enumerate(ax, loops, loop_min_rows=p.loop_min_rows)]
+        batched = _full_rate_seconds(ax, found[0][1], p)
         for g, k in _packings(ax, p.pack_below) if packs else []:
             packed = _packed(ax, g, k)
             forms = _enumerate(packed, loops=False, outer_axes=False)
-            found += [(packed, c) for c in forms if c.x_first or p.packed_w_first]
+            kept = [c for c in forms if c.x_first or p.packed_w_first]
+            # never more work than the batched GEMM it replaces would cost at the full rate
+            if kept and p.seconds_of({"flop": _terms(packed, kept[0], p)[0]["flop"]}) <= batched:
+                found += [(packed, c) for c in kept]
     times = []
     for axes, c in found:
         fwd, bwd = _terms(axes, c, p)
@@ -475,6 +479,13 @@ def candidates(
         )
         for (_, c), (f, fb), cost in zip(found, times, costs, strict=True)
     ]
+
+
+def _full_rate_seconds(ax: _Axes, c: _Candidate, p: Profile) -> float:
+    """The predicted forward seconds of ``c`` were its GEMMs as fast per element as wide ones:
+    what a block-diagonal packing, which only removes the narrowness, may cost at most."""
+    fwd, _ = _terms(ax, c, p)
+    return p.seconds_of({**fwd, "narrow dot element": 0.0})
 
 
 def _profile_of(p: Profile | None) -> Profile:

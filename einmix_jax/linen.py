@@ -94,7 +94,8 @@ class EinMix(nn.Module):
         {'bias': P('model', None), 'weight': P('model', None, None)}
     """
 
-    #: The contraction gets the stored weight as it is (for qwix); describe() shows that lowering.
+    #: While a tool intercepts the contraction (qwix), it gets the stored weight as it is and x
+    #: with nn.Dense's axes; otherwise the planner's choice runs. describe() shows which.
     weight_as_stored: ClassVar[bool] = True
 
     pattern: str

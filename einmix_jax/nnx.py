@@ -98,7 +98,8 @@ class EinMix(nnx.Module, metaclass=_Meta):
         {'weight': P(None, 'model')}
     """
 
-    #: The contraction gets the stored weight as it is (for qwix); describe() shows that lowering.
+    #: While a tool intercepts the contraction (qwix), it gets the stored weight as it is and x
+    #: with nn.Dense's axes; otherwise the planner's choice runs. describe() shows which.
     weight_as_stored: ClassVar[bool] = True
 
     def __init__(

@@ -152,17 +152,23 @@ def test_replayed_steps_compute_einmix(pattern, weight_shape, bias_shape, given,
 @pytest.mark.parametrize(
     ("pattern", "weight_shape", "bias_shape", "given", "x_shape", "sizes"), CASES, ids=IDS
 )
-def test_flax_layers_lowering_keeps_the_weight_as_stored_and_computes_einmix(
+def test_flax_layers_under_interception_keep_the_weight_as_stored_and_compute_einmix(
     pattern, weight_shape, bias_shape, given, x_shape, sizes
 ):
     from flax import nnx
 
     lengths = {a: sizes[a] for a in weight_shape.split() + (bias_shape or "").split()}
     module = em.nnx.EinMix(
-        pattern, weight_shape=weight_shape, bias_shape=bias_shape, rngs=nnx.Rngs(0), **lengths
+        pattern,
+        weight_shape=weight_shape,
+        bias_shape=bias_shape,
+        dot_general=jax.lax.dot_general,  # a hook: the contraction may be intercepted
+        rngs=nnx.Rngs(0),
+        **lengths,
     )
     d = em.describe(module, x_shape)
     assert d.strategy == "weight as stored"
+    assert not [s for s in d.before if s.operand == "x" and s.op == "transpose"]  # x as given
     assert not [s for s in d.before if s.operand == "weight"]  # the weight goes in untouched
     assert d.contraction.operand == "x"  # ... as the second operand
     assert d.contraction.arg[1] == module.weight.shape
@@ -250,24 +256,20 @@ def test_every_form_of_the_layer_gives_the_same_description():
         em.describe(em.linen.EinMix(pattern, **kw, sizes=dict(h=2, d=3)), x.shape),
         em.describe(em.nnx.EinMix(pattern, **kw, rngs=nnx.Rngs(0), h=2, c=4, d=3), x.shape),
     ]
-    functional_forms, flax_forms = forms[:4], forms[4:]
-    for group in (functional_forms, flax_forms):
-        first = group[0]
-        for d in group[1:]:
-            assert d.layer.param_shapes == first.layer.param_shapes
-            assert (d.lowering, d.before, d.contraction, d.after) == (
-                first.lowering,
-                first.before,
-                first.contraction,
-                first.after,
-            )
-    # the functional forms run (and describe) the planner's choice; the Flax layers the
-    # lowering that leaves the weight as stored
+    first = forms[0]
+    for d in forms[1:]:
+        assert d.layer.param_shapes == first.layer.param_shapes
+        assert (d.lowering, d.before, d.contraction, d.after) == (
+            first.lowering,
+            first.before,
+            first.contraction,
+            first.after,
+        )
+    # every form, the Flax layers' included, runs (and describes) the planner's choice
     from einmix_jax import _lower
 
-    assert functional_forms[0].lowering == _lower.lower(functional.plan, x.shape)
-    assert functional_forms[0].strategy != "weight as stored"
-    assert flax_forms[0].strategy == "weight as stored"
+    assert first.lowering == _lower.lower(functional.plan, x.shape)
+    assert first.strategy != "weight as stored"
 
 
 @pytest.mark.parametrize(

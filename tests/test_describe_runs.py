@@ -50,8 +50,8 @@ def test_describe_of_a_flax_layer_shows_the_form_it_runs(executed):
     y = module.apply({"params": params}, x)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     assert executed == [em.describe(module, x.shape).lowering]
-    assert executed[0].strategy == "weight as stored"
-    assert executed[0] != em.describe(layer, x.shape).lowering  # not the functional choice
+    assert executed[0] == em.describe(layer, x.shape).lowering  # the functional choice
+    assert executed[0].strategy == "block-diagonal"
 
 
 def test_describe_of_a_flax_layer_with_a_hook_shows_x_as_given(executed):

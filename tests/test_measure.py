@@ -75,15 +75,21 @@ def test_under_jit_and_grad_the_gradients_match_the_reference(measured):
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_nothing_is_measured_outside_the_context_nor_for_the_flax_layers(measured):
+def test_nothing_is_measured_outside_the_context_and_the_flax_layers_are_measured_in_it(
+    measured,
+):
     layer, params, x, expected = case(8)
     np.testing.assert_allclose(layer(params, x), expected, rtol=1e-5, atol=1e-5)
     linen = em.linen.EinMix(PATTERN, WEIGHT, BIAS, sizes=SIZES)
     variables = {"params": {k: jnp.asarray(v) for k, v in params.items()}}
-    with em.measured_planning():
-        np.testing.assert_allclose(linen.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(linen.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
     assert measured == [] and len(_measure._DECISIONS) == 0
     assert not _measure.measuring()
+    with em.measured_planning():  # a Flax layer plans as the functional apply does
+        for _ in range(2):  # measured once
+            y = linen.apply(variables, x)
+            np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    assert measured == [x.shape] and len(_measure._DECISIONS) == 1
 
 
 def test_symbolic_shapes_fall_back_to_the_cost_model(measured):
