@@ -66,11 +66,12 @@ Typical results: a plain linear layer is one 2-d GEMM between free reshapes; mul
 x or of the output; patch embedding transposes x once to ``(b h w, ph pw c)``, keeping the
 contracted axes in memory order so the weight is used as stored.
 
-The Flax layers' form. Under the Flax layers (``lower(..., stored_weight=True)``) there is one
-candidate, with no cost to compare: the weight is the right operand of ``jax.lax.dot_general``
-exactly as stored, with N-d dimension numbers, and only x and the result move (see
-:func:`_stored_weight_order`). Tools that intercept the contraction while a module is traced
-(qwix's quantization and LoRA) need that; the functional ``apply``, which no such tool sees, keeps
+The weight as stored. With ``lower(..., stored_weight=True)`` there is one candidate, with no
+cost to compare: the weight is the right operand of ``jax.lax.dot_general`` exactly as stored,
+with N-d dimension numbers, and only x and the result move (see :func:`_stored_weight_order`;
+with ``x_as_given``, :func:`_x_as_given_order`, not even x). A Flax layer runs it while a tool
+intercepts the contraction (qwix's quantization and LoRA need the stored param itself), and any
+call whose weight is a tool's container; every other call, the Flax layers' included, keeps
 every candidate.
 """
 
@@ -424,8 +425,8 @@ def candidates(
     """Every lowering :func:`lower` chooses from, in its tie-breaking order, with its cost.
 
     ``lower(plan, x_shape, loops, stored_weight, packs)`` is ``build`` of the first cheapest of
-    these. With ``stored_weight`` there is one, the Flax layers' form, at cost 1 (with
-    ``x_as_given``, the form they run under an interception tool). ``loops`` and ``packs``
+    these. With ``stored_weight`` there is one, the weight as stored, at cost 1 (with
+    ``x_as_given``, the form a Flax layer runs under an interception tool). ``loops`` and ``packs``
     allow the loops and the block-diagonal packings; ``None``: as the profile says (by default
     the one in use for this backend and device count).
 
@@ -529,8 +530,8 @@ def lower(
     ``loops`` allows the loop candidates (see the module docstring) and ``packs`` the
     block-diagonal packings (``None``: as the profile says). ``stored_weight`` asks for the one
     lowering in which the weight is the dot's right operand exactly as stored (see
-    :func:`_stored_weight_order`), as the Flax layers need it; ``x_as_given`` also keeps x's axes
-    as they are (:func:`_x_as_given_order`), as the Flax layers run under an interception tool.
+    :func:`_stored_weight_order`), as a tool's container needs it; ``x_as_given`` also keeps x's
+    axes as they are (:func:`_x_as_given_order`), as a Flax layer runs under an interception tool.
     The same as ``build(plan, x_shape, choose(candidates(...)))``.
 
     Example:
@@ -635,7 +636,7 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
 
 
 def _stored_weight_order(ax: _Axes) -> _Candidate:
-    """The lowering with the weight as the dot's right operand, untouched (the Flax layers' form).
+    """The lowering with the weight as the dot's right operand, untouched (for a container).
 
     Tools that intercept ``jax.lax.dot_general`` while a Flax module is traced (qwix's
     quantization and LoRA) recognise a weight only when the stored param itself is the second

@@ -29,9 +29,6 @@ DimensionNumbers = tuple[
     tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]
 ]
 
-#: The ops a :class:`Step` may have, in the order they can occur on an operand.
-OPS = ("reshape", "sum", "transpose", "pack", "broadcast", "copy", "dot_general", "loop", "add")
-
 
 @dataclasses.dataclass(frozen=True)
 class Step:

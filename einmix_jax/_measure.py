@@ -2,7 +2,7 @@
 
 The cost model of ``_lower`` predicts; on a given machine and XLA version it can be wrong by tens
 of percent where candidates are close, and by more on layouts its terms do not see. Inside
-:func:`measured_planning`, the functional ``apply`` and the Equinox layer instead compile the
+:func:`measured_planning`, the functional ``apply`` and the layers instead compile the
 cheapest candidate of each kind (x first, weight first, broadcast weight, loop, block-diagonal) and
 the next cheapest up to ``top`` for the input's shape and dtype, time their forward and
 forward+backward passes on random values drawn on the device (interleaved, ``ROUNDS`` rounds,
@@ -17,9 +17,10 @@ its one measurement.
 
 It costs compile and timing time once per configuration (two compiles per candidate timed, a few
 hundred milliseconds); the choice happens while the caller traces, so under ``jax.jit`` the
-context must be active when the function is first traced. The Flax layers have one lowering (the
-weight as stored) and are not affected; nor is a sharded apply (the mesh rules decide there), nor
-a shape with symbolic dimensions (``jax.export``), which fall back to the cost model.
+context must be active when the function is first traced. The Flax layers are measured too,
+except while a tool intercepts the contraction (their weight then goes into it as stored); a
+sharded apply (the mesh rules decide there) and a shape with symbolic dimensions
+(``jax.export``) fall back to the cost model.
 
 Example:
     >>> layer = em.layer('b t (g c) -> b t (g d)', 'g c d', 'g d', g=8, c=4, d=4)

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from ._errors import EinMixError
 
 #: The cost model's terms, each counted in the forward and in the backward pass (see
@@ -189,8 +191,6 @@ def profile(platform: str | None = None, device_count: int | None = None) -> Pro
         "unmeasured backend (XLA:CPU's costs)"
     """
     if platform is None or device_count is None:
-        import jax
-
         platform = jax.default_backend() if platform is None else platform
         device_count = jax.device_count() if device_count is None else device_count
     return _profile(platform, device_count)
