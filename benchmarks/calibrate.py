@@ -15,6 +15,13 @@ in the given ``regret.py --json`` files. Candidates the file has no time for (e.
 did not measure) are skipped; the hand-written ``block-diagonal k=...`` rows stand for the
 planner's x-first packing of ``k`` groups.
 
+The depart margin (``Profile.depart_margin``: how much faster than XLA's own lowering a
+candidate must be predicted before the planner takes it) is fitted on the same files: every
+margin of ``MARGINS`` is replayed with the current seconds (the planner's choice among the timed
+candidates, its regret from the per-round times) and the one with the lowest worst regret, then
+p90, is kept (the larger margin among equals: closer to XLA's lowering); the table of all of them
+is printed.
+
 The fitted profile is the profile in use for the files' backend (``planning.profile(platform,
 device_count)``, as regret.py recorded them) with the fitted seconds: its thresholds and forms are
 kept. It is printed as JSON (``Profile.to_json()``) and, with ``--out PATH``, written there;
@@ -125,20 +132,87 @@ def residuals(data: list[tuple[str, Sample]], profile: planning.Profile) -> list
     return lines
 
 
+def _ratio(record: dict[str, Any], a: str, b: str, m: str) -> float:
+    """time(a) / time(b) in metric m ('fwd' or 'fb'): the median of per-round ratios where the
+    record has every round's time, else the ratio of medians."""
+    ra, rb = record["rows"][a], record["rows"][b]
+    if f"{m}_s" in ra and f"{m}_s" in rb:
+        return statistics.median(x / y for x, y in zip(ra[f"{m}_s"], rb[f"{m}_s"], strict=True))
+    return ra[f"{m}_ms"] / rb[f"{m}_ms"]
+
+
+def _regret(record: dict[str, Any], name: str, m: str) -> float:
+    """time(name) / time(the fastest row of the record), in metric m."""
+    return max(1.0, max(_ratio(record, name, other, m) for other in record["rows"]))
+
+
+def decisions(
+    records: list[dict[str, Any]], loops: bool, profile: planning.Profile
+) -> list[tuple[str, float, float, float, float]]:
+    """Per record, the candidate ``profile`` chooses among the timed ones: its row name, its
+    regret forward and forward+backward, and its time over einops' layer's (both metrics)."""
+    out = []
+    for record in records:
+        timed = samples(record, loops, profile)
+        chosen = planning.choose([c for c, _ in timed])
+        name = "cand: " + chosen.label
+        if name not in record["rows"]:  # a packing: the hand-written block-diagonal row
+            name = f"block-diagonal k={chosen.candidate.pack[1]}"
+        regrets = [_regret(record, name, m) for m in ("fwd", "fb")]
+        einops = [_ratio(record, name, "einops layer", m) for m in ("fwd", "fb")]
+        out.append((name, *regrets, *einops))
+    return out
+
+
+#: the margins ``fit_margin`` tries (None: never depart from XLA's own lowering)
+MARGINS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, None)
+
+
+def fit_margin(
+    records: list[dict[str, Any]], loops: bool, profile: planning.Profile
+) -> tuple[float | None, list[str]]:
+    """The depart margin with the lowest worst regret (forward or forward+backward; then p90,
+    then the larger margin: closer to XLA's own lowering), and a table of every margin tried."""
+    lines = [
+        "| depart_margin | regret fwd median / p90 / max | regret fwd+bwd median / p90 / max | "
+        "vs einops fwd p90 / max (> 1.05) | vs einops fwd+bwd median / max (> 1.05) |",
+        "|---|---|---|---|---|",
+    ]
+    scores = []
+    for margin in MARGINS:
+        d = np.array([r[1:] for r in decisions(records, loops, replace(profile, margin))])
+        q = {
+            s: (np.median(d[:, i]), np.percentile(d[:, i], 90), d[:, i].max())
+            for s, i in (("fwd", 0), ("fb", 1), ("eo fwd", 2), ("eo fb", 3))
+        }
+        over = [int((d[:, i] > 1.05).sum()) for i in (2, 3)]
+        lines.append(
+            f"| {margin} | {'/'.join(f'{v:.2f}' for v in q['fwd'])} | "
+            f"{'/'.join(f'{v:.2f}' for v in q['fb'])} | "
+            f"{q['eo fwd'][1]:.2f} / {q['eo fwd'][2]:.2f} ({over[0]}) | "
+            f"{q['eo fb'][0]:.2f} / {q['eo fb'][2]:.2f} ({over[1]}) |"
+        )
+        worst = max(q["fwd"][2], q["fb"][2])
+        p90 = max(q["fwd"][1], q["fb"][1])
+        scores.append((round(worst, 2), round(p90, 2), -MARGINS.index(margin), margin))
+    return min(scores)[3], lines
+
+
+def replace(profile: planning.Profile, margin: float | None) -> planning.Profile:
+    """``profile`` with ``depart_margin=margin``."""
+    return dataclasses.replace(profile, depart_margin=margin)
+
+
 def replay(records: list[dict[str, Any]], loops: bool, profile: planning.Profile) -> list[str]:
     """The planner's regret on measured layers if it planned with ``profile``: median, p90, max."""
     regrets: dict[str, list[float]] = {"fwd": [], "fwd+bwd": []}
     worst = []
-    for i, record in enumerate(records):
-        timed = samples(record, loops, profile)
-        chosen = planning.choose([c for c, _ in timed])
-        t = next(s for c, s in timed if c is chosen)
-        best_fwd = min(r["fwd_ms"] for r in record["rows"].values()) / 1e3
-        best_fb = min(r["fb_ms"] for r in record["rows"].values()) / 1e3
-        r_fwd, r_fb = t[2] / best_fwd, t[3] / best_fb
+    for i, (record, (name, r_fwd, r_fb, _, _)) in enumerate(
+        zip(records, decisions(records, loops, profile), strict=True)
+    ):
         regrets["fwd"].append(r_fwd)
         regrets["fwd+bwd"].append(r_fb)
-        worst.append((max(r_fwd, r_fb), i, record, chosen.label, r_fwd, r_fb))
+        worst.append((max(r_fwd, r_fb), i, record, name[6:], r_fwd, r_fb))
     lines = [
         f"regret {m}: median {statistics.median(v):.2f}, p90 {np.percentile(v, 90):.2f}, "
         f"max {max(v):.2f}"
@@ -181,6 +255,11 @@ def main(argv: list[str] | None = None) -> planning.Profile:
     files = ", ".join(p.name for p in args.json)
     name = args.name or f"{current.platform}, fitted by calibrate.py to {files}"
     fitted = fitted_profile(current, fit([s for _, s in data]), name)
+    records = [(run["records"], run["loops"]) for run in runs]
+    margin, table = fit_margin([r for rs, _ in records for r in rs], runs[0]["loops"], current)
+    print(f"Depart margin (with the current seconds), fitted: {margin}")
+    print("\n".join(table) + "\n")
+    fitted = replace(fitted, margin)
     print(f"{len(data)} candidate timings of {sum(len(r['records']) for r in runs)} layers\n")
     print(f"Fitted profile (the seconds of {current.name!r} refitted):")
     print(fitted.to_json())

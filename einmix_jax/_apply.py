@@ -76,7 +76,7 @@ def lowering_for(
         >>> layer = einmix_jax.layer('b c -> b d', c=2, d=3)
         >>> x, w = jax.ShapeDtypeStruct((4, 2), jnp.float32), jax.ShapeDtypeStruct((2, 3), jnp.float32)
         >>> lowering_for(layer, x, w, False).strategy
-        'x first'
+        'as einsum'
     """
     shape = tuple(x.shape)
     abstract = is_array(weight) or isinstance(weight, jax.ShapeDtypeStruct)

@@ -67,9 +67,10 @@ class Description:
 
     @property
     def strategy(self) -> str:
-        """The lowering picked: ``'x first'``, ``'w first'``, ``'broadcast batch'``, ``'loop'``,
-        ``'block-diagonal'`` or ``'weight as stored'`` (a Flax layer under an interception
-        tool)."""
+        """The lowering picked: ``'as einsum'`` (XLA's own lowering, as ``jnp.einsum`` runs it;
+        a Flax layer's under an interception tool), ``'x first'``, ``'w first'``,
+        ``'broadcast batch'``, ``'loop'``, ``'block-diagonal'`` or ``'weight as stored'`` (a
+        weight that is a tool's container)."""
         return self.lowering.strategy
 
     @property

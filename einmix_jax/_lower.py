@@ -21,6 +21,17 @@ backward pass and never materialises an N-d transposed gradient. ``K`` and ``F``
 input's memory order and ``G`` the output's, so ``x`` is only transposed when its layout really
 forbids a GEMM view.
 
+XLA's own lowering first. The first candidate, ``'as einsum'``, is what ``jnp.einsum`` (and so
+einops' layer) runs: x (groups split, summed axes summed) and the weight as stored go into one
+N-d ``lax.dot_general``, and only its result is transposed to the output. Its forward is XLA's
+canonical GEMM form of that dot, the ``x first`` candidate with no outer axes below, which
+spells the same dot with adjacent axes merged (free reshapes) and whose backward dots are 2-d;
+the N-d dot's backward makes XLA write out x- and output-sized operands wherever x has several
+row or contracted dimensions (:func:`_as_given_terms`). :func:`choose` keeps the cheaper of these
+two spellings of XLA's lowering unless another candidate is predicted faster by more than the
+profile's ``depart_margin`` (fitted by ``benchmarks/calibrate.py`` on measured regret; None on a
+backend nobody has measured: never).
+
 The candidates. Let ``O`` be the leading run of x's axes before its first contracted axis (``B``
 and ``F`` axes). For every split ``O = outer + rest`` (``outer`` may be empty) the ``outer`` axes
 stay in front, in x's order, in x, in the dot result and so in the output:
@@ -56,9 +67,10 @@ copy; backward: the sum of the per-slice weight gradients) or a packing moves, m
 backward pass; the elements a loop copies in and out (and, backward, the weight gradient it
 accumulates per iteration); the loop's iterations; and, where the profile says so, the transposed
 weight gradient of a dot with one row and no batch dimension. Each count is exact; the seconds
-per unit come from the profile. The planner takes the candidate with the lowest predicted regret
-(:func:`regrets`), so that neither inference nor training pays for the other. Ties go to the
-first (no outer axes, x first, no operand used as ``(D, N, K)``).
+per unit come from the profile. Each candidate's cost is its predicted regret (:func:`regrets`),
+so that neither inference nor training pays for the other; :func:`choose` departs from XLA's
+lowering for the lowest of them only by the margin. Ties go to the first (XLA's N-d form, then no
+outer axes, x first, no operand used as ``(D, N, K)``).
 
 Typical results: a plain linear layer is one 2-d GEMM between free reshapes; multi-head
 ``'b t (h c) -> b t (h d)'`` moves rows of ``c`` to ``(h, b t, c)`` and back; token mixing
@@ -68,11 +80,14 @@ contracted axes in memory order so the weight is used as stored.
 
 The weight as stored. With ``lower(..., stored_weight=True)`` there is one candidate, with no
 cost to compare: the weight is the right operand of ``jax.lax.dot_general`` exactly as stored,
-with N-d dimension numbers, and only x and the result move (see :func:`_stored_weight_order`;
-with ``x_as_given``, :func:`_x_as_given_order`, not even x). A Flax layer runs it while a tool
-intercepts the contraction (qwix's quantization and LoRA need the stored param itself), and any
-call whose weight is a tool's container; every other call, the Flax layers' included, keeps
-every candidate.
+with N-d dimension numbers, and only x and the result move (see :func:`_stored_weight_order`),
+for any call whose weight is a tool's container. With ``x_as_given`` too it is the ``'as einsum'``
+form (:func:`_x_as_given_order`): a Flax layer runs it while a tool intercepts the contraction
+(qwix's quantization and LoRA need the stored param itself, and x with ``nn.Dense``'s axes).
+``jnp.einsum`` of the same operands (einops' layer) gives a tool the same and runs the same
+N-d dot, at most with its operands swapped (benchmarks/REGRET.md times the two on every layer of
+the corpus), so there is one form here and nothing to cost. Every other call, the Flax layers' included, keeps every
+candidate.
 """
 
 from __future__ import annotations
@@ -107,10 +122,15 @@ class _Candidate:
     x_blocks: list[list[str]]
     w_blocks: list[list[str]]
     pack: tuple[str, int] | None = None  #: (batch axis, k): see :func:`_packed`
+    #: x and the weight go into one N-d dot as they are: XLA's own lowering of the layer, as
+    #: ``jnp.einsum`` (and so einops' layer) runs it (see :func:`_x_as_given_order`)
+    as_given: bool = False
 
     @property
     def kind(self) -> str:
-        """'loop', 'block-diagonal', 'broadcast batch', 'x first' or 'w first'."""
+        """'as einsum', 'loop', 'block-diagonal', 'broadcast batch', 'x first' or 'w first'."""
+        if self.as_given:
+            return "as einsum"
         if self.loop:
             return "loop"
         if self.pack:
@@ -306,6 +326,8 @@ def _terms(
         (240, 480, 82, 0)
     """
     p = profile() if p is None else p
+    if c.as_given:
+        return _as_given_terms(ax, p)
     cs, sizes = ax.cost_size, ax.sizes
     outer = set(c.loop) | set(c.dot_batch)
     steps = cs(c.loop) if c.loop else 1
@@ -355,8 +377,39 @@ def _terms(
     return fwd, bwd
 
 
+def _as_given_terms(ax: _Axes, p: Profile) -> tuple[dict[str, float], dict[str, float]]:
+    """The terms of XLA's own lowering (x and the weight into one N-d dot as they are).
+
+    XLA brings the forward dot's operands to its canonical GEMM layout, so its forward is that
+    of the cheaper canonical form (x first, no outer axes). Its backward dots are the transposes
+    of an N-d dot: unless the dot already is a canonical GEMM (x in ``(batch, rows,
+    contracted)`` order, at most one dimension of length > 1 per class), they contract or produce
+    several dimensions at once, and XLA writes out x- and output-sized operands to canonicalize
+    them (tests/test_lower.py counts them in the optimized HLO; benchmarks/REGRET.md times them:
+    up to 1.9x the canonical form's forward+backward), which the canonical form's 2-d dots do not
+    need.
+    """
+    fwd, bwd = min(
+        (_terms(ax, e, p) for e in _enumerate(ax, False, outer_axes=False) if e.x_first),
+        key=lambda t: p.seconds_of(t[0]) + p.seconds_of(t[1]),
+    )
+
+    def long(axes: list[str]) -> list[str]:
+        return [a for a in axes if ax.sizes[a] != 1]
+
+    classes = (ax.batch, ax.x_free, ax.contracted, ax.w_free)
+    canonical = long(ax.x_kept) == long(ax.batch) + long(ax.x_free) + long(ax.contracted)
+    gemm = min(ax.cost_size(ax.contracted), ax.cost_size(ax.w_free)) > 1
+    if gemm and (not canonical or any(len(long(c)) > 1 for c in classes)):
+        extra = ax.cost_size(ax.x_kept) + ax.cost_size(ax.out_axes)
+        bwd = {**bwd, "moved element": bwd["moved element"] + extra}
+    return fwd, bwd
+
+
 def _label(c: _Candidate, stored_weight: bool = False) -> str:
     """A short name: 'x first', 'w first, rhs (D,N,K)', 'loop over b', 'broadcast over b', ..."""
+    if c.as_given:
+        return "as einsum"
     if stored_weight:
         return "weight as stored"
     parts = ["x first" if c.x_first else "w first"]
@@ -389,9 +442,10 @@ class Choice:
 
     @property
     def kind(self) -> str:
-        """'x first', 'w first', 'broadcast batch', 'loop', 'block-diagonal' or (the Flax
-        layers' form) 'weight as stored'."""
-        return "weight as stored" if self.stored_weight else self.candidate.kind
+        """'as einsum', 'x first', 'w first', 'broadcast batch', 'loop', 'block-diagonal' or
+        (a tool's container) 'weight as stored'."""
+        c = self.candidate
+        return "weight as stored" if self.stored_weight and not c.as_given else c.kind
 
 
 def regrets(times: list[tuple[float, float]], loops: list[bool], loop_margin: float) -> list[float]:
@@ -424,9 +478,10 @@ def candidates(
 ) -> list[Choice]:
     """Every lowering :func:`lower` chooses from, in its tie-breaking order, with its cost.
 
-    ``lower(plan, x_shape, loops, stored_weight, packs)`` is ``build`` of the first cheapest of
-    these. With ``stored_weight`` there is one, the weight as stored, at cost 1 (with
-    ``x_as_given``, the form a Flax layer runs under an interception tool). ``loops`` and ``packs``
+    ``lower(plan, x_shape, loops, stored_weight, packs)`` is ``build`` of :func:`choose` of
+    these; the first is XLA's own lowering, ``'as einsum'``. With ``stored_weight`` there is one,
+    the weight as stored, at cost 1 (with ``x_as_given``, ``'as einsum'``: the form a Flax layer
+    runs under an interception tool). ``loops`` and ``packs``
     allow the loops and the block-diagonal packings; ``None``: as the profile says (by default
     the one in use for this backend and device count).
 
@@ -437,6 +492,7 @@ def candidates(
         >>> for c in choices:  # predicted regret, forward and forward+backward seconds
         ...     if 'rhs' not in c.label:
         ...         print(f'{c.label:38} {c.cost:4.2f} {c.fwd * 1e3:5.1f} ms {c.fwd_bwd * 1e3:5.1f} ms')
+        as einsum                              1.39  24.5 ms  73.4 ms
         x first                                1.34  24.5 ms  64.6 ms
         w first                                1.34  24.5 ms  64.7 ms
         x first, batch (b), broadcast over b   1.48  26.9 ms  70.1 ms
@@ -453,9 +509,10 @@ def candidates(
     if stored_weight:
         order = _x_as_given_order(ax) if x_as_given else _stored_weight_order(ax)
         found = [(ax, order)]
-    else:
-        found = [(ax, c) for c in _enumerate(ax, loops, loop_min_rows=p.loop_min_rows)]
-        batched = _full_rate_seconds(ax, found[0][1], p)
+    else:  # XLA's own lowering first: the one kept unless another is clearly faster (choose)
+        found = [(ax, _x_as_given_order(ax))]
+        found += [(ax, c) for c in _enumerate(ax, loops, loop_min_rows=p.loop_min_rows)]
+        batched = _full_rate_seconds(ax, found[1][1], p)
         for g, k in _packings(ax, p.pack_below) if packs else []:
             packed = _packed(ax, g, k)
             forms = _enumerate(packed, loops=False, outer_axes=False)
@@ -470,7 +527,7 @@ def candidates(
     costs = regrets(times, [bool(c.loop) for _, c in found], p.loop_margin)
     return [
         Choice(
-            _label(c, stored_weight) + (", x as given" if x_as_given else ""),
+            _label(c, stored_weight),
             cost,
             c,
             stored_weight,
@@ -511,8 +568,32 @@ def _axes_of(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> _Axes:
 
 
 def choose(choices: list[Choice]) -> Choice:
-    """The planner's pick: the first of the cheapest."""
-    return min(choices, key=lambda c: c.cost)
+    """The planner's pick: XLA's own lowering (the 'as einsum' candidate) unless the first of the
+    cheapest is predicted faster by more than the profile's ``depart_margin``.
+
+    Example:
+        >>> from ._parse import parse
+        >>> plan = parse('b t c -> b t d', 'c d', None, (('c', 64), ('d', 64)))
+        >>> choose(candidates(plan, (8, 1, 64), profile=em.planning.EXAMPLE_PROFILE)).kind
+        'as einsum'
+        >>> choose(candidates(plan, (8, 16, 64), profile=em.planning.EXAMPLE_PROFILE)).kind  # the
+        ... # same dot with (b t) merged: XLA's backward of the N-d dot writes out x and y
+        'x first'
+    """
+    best = min(choices, key=lambda c: c.cost)
+    xla = [c for c in choices if _xla_form(c.candidate)]
+    if not xla:  # a stored-weight form: the one there is
+        return best
+    given = min(xla, key=lambda c: c.cost)
+    margin = _profile_of(best.profile).depart_margin
+    return given if margin is None or given.cost <= best.cost * (1 + margin) else best
+
+
+def _xla_form(c: _Candidate) -> bool:
+    """Whether ``c`` is XLA's own lowering: x and the weight as given in one N-d dot, or the
+    canonical GEMM form XLA makes of it (x first, no outer axes: the same forward dot, with
+    adjacent axes merged by free reshapes, and 2-d dots in the backward pass)."""
+    return c.as_given or (c.x_first and not (c.loop or c.bcast or c.pack))
 
 
 def lower(
@@ -571,7 +652,7 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
     x_blocks, w_blocks = best.x_blocks, best.w_blocks
     rhs_k = 2 if best.rhs_t else 1
     dims: DimensionNumbers
-    if stored_weight:
+    if stored_weight or best.as_given:
         dims = _stored_weight_dims(best, w_axes)
     elif not best.dot_batch:  # plain 2-d GEMM
         x_blocks, w_blocks = x_blocks[1:], w_blocks[1:]
@@ -698,6 +779,7 @@ def _x_as_given_order(ax: _Axes) -> _Candidate:
         y_order=batch + ax.x_free + [a for a in ax.w_axes if a not in in_x],
         x_blocks=[[a] for a in ax.x_kept],
         w_blocks=[[a] for a in ax.w_axes],
+        as_given=True,
     )
 
 

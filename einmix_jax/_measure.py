@@ -132,8 +132,8 @@ def plan(
 
 
 def shortlist(choices: list[Choice], top: int) -> list[Choice]:
-    """What is timed: the cheapest candidate of each kind (x first, weight first, broadcast
-    weight, loop, block-diagonal), then the next cheapest up to ``top`` in all, cheapest first.
+    """What is timed: the cheapest candidate of each kind (XLA's own, x first, weight first,
+    broadcast weight, loop, block-diagonal), then the next cheapest up to ``top`` in all, cheapest first.
 
     The cost model is least sure between kinds (a loop against a broadcast weight, a packing
     against a batch of small GEMMs), so each kind's best is measured.
@@ -142,7 +142,7 @@ def shortlist(choices: list[Choice], top: int) -> list[Choice]:
         >>> from einmix_jax import _lower
         >>> plan = em.layer('b t c -> b u c', 't u', t=196, u=256).plan
         >>> [c.label for c in shortlist(_lower.candidates(plan, (64, 196, 512), True, profile=em.planning.EXAMPLE_PROFILE), 4)]
-        ['w first, batch (b), broadcast over b', 'x first', 'w first', 'w first, loop over b']
+        ['w first, batch (b), broadcast over b', 'x first', 'w first', 'as einsum', 'w first, loop over b']
     """
     ranked = sorted(choices, key=lambda c: c.cost)  # stable: ties keep their order
     firsts = {id(next(c for c in ranked if c.kind == k)) for k in {c.kind for c in ranked}}

@@ -3,7 +3,9 @@ linen, NNX, Equinox, export, qwix), the partitioning cases of the Flax layers, a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -21,6 +23,19 @@ def normal(shape: tuple[int, ...], seed: int = 0, dtype=np.float32) -> np.ndarra
 def jax_normal(shape: tuple[int, ...], seed: int = 1) -> jax.Array:
     """Standard normal values of ``shape`` drawn by ``jax.random`` from ``jax.random.key(seed)``."""
     return jax.random.normal(jax.random.key(seed), shape)
+
+
+@contextlib.contextmanager
+def departing() -> Iterator[None]:
+    """Plan on the cost model alone (``depart_margin=0``): a form other than XLA's own lowering
+    wherever it is predicted faster at all, so test-sized shapes reach the departures."""
+    old = em.planning.use_profile(
+        dataclasses.replace(em.planning.profile(), name="departing", depart_margin=0.0)
+    )
+    try:
+        yield
+    finally:
+        em.planning.use_profile(old)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,20 +125,21 @@ def test_the_pick_is_the_lowest_measured_regret_and_a_loop_must_win_by_the_margi
 
 
 def test_each_kind_of_candidate_is_timed():
-    # token mixing: the cheapest of each kind (x first, weight first, broadcast, loop), cheapest
-    # first, then the next cheapest up to top
+    # token mixing: the cheapest of each kind (XLA's own, x first, weight first, broadcast,
+    # loop), cheapest first, then the next cheapest up to top
     plan = em.layer("b t c -> b u c", "t u", t=196, u=256).plan
     choices = _lower.candidates(plan, (64, 196, 512), loops=True)
     kinds = _measure.shortlist(choices, 1)
-    assert len(kinds) == 4 and [c.cost for c in kinds] == sorted(c.cost for c in kinds)
+    assert len(kinds) == 5 and [c.cost for c in kinds] == sorted(c.cost for c in kinds)
+    assert "as einsum" in {c.kind for c in kinds}
     assert {(bool(c.candidate.loop), bool(c.candidate.bcast)) for c in kinds} == {
         (False, False),
         (False, True),
         (True, False),
     }
     assert {c.candidate.x_first for c in kinds if not c.candidate.loop} == {True, False}
-    more = _measure.shortlist(choices, 6)
-    assert len(more) == 6 and all(c in more for c in kinds)
+    more = _measure.shortlist(choices, 7)
+    assert len(more) == 7 and all(c in more for c in kinds)
     cheapest = sorted(choices, key=lambda c: c.cost)
     assert [c for c in cheapest if c in more][:2] == cheapest[:2]
     # a grouped layer with narrow groups: its block-diagonal packing is timed

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import einmix_jax as em
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,13 +42,16 @@ def test_regret_benchmark_smoke(tmp_path):
     for r in records:
         rows = r["rows"]
         assert r["chosen"] in rows and r["chosen"].startswith("cand: ")
-        assert {"flax path", "measured pick", "rearrange+einsum", "einops layer"} <= set(rows)
+        extras = {"flax under a tool", "measured pick", "rearrange+einsum", "einops layer"}
+        assert extras | {"cand: as einsum"} <= set(rows)
         assert not rows[r["chosen"]]["pruned"]
-        # the chosen candidate is the first cheapest
+        # the chosen candidate is within the depart margin of the cheapest
         costs = [row["cost"] for row in rows.values() if row["cost"] is not None]
-        assert rows[r["chosen"]]["cost"] == min(costs)
+        margin = em.planning.profile().depart_margin
+        assert rows[r["chosen"]]["cost"] <= min(costs) * (1 + margin) + 1e-12
+        assert len(rows["cand: as einsum"]["fwd_s"]) == len(rows[r["chosen"]]["fb_s"]) >= 1
         for metric in ("fwd", "fwd+bwd"):
-            assert r[f"regret {metric}"] >= 1 and r[f"flax path regret {metric}"] >= 1
+            assert r[f"regret {metric}"] >= 1 and r[f"flax under a tool regret {metric}"] >= 1
             assert r[f"split regret {metric}"] >= 1 and r[f"measured regret {metric}"] >= 1
             assert r[f"best {metric}"] in rows
             assert r[f"compile vs einops {metric}"] > 0
