@@ -18,7 +18,8 @@ For each layer, in one process, on the same input and parameter values:
 * ``cand: <label>`` -- every candidate of ``einmix_jax.planning.candidates`` (on the candidate
   set of this backend's profile, ``planning.profile()``), each built into its Lowering by
   ``planning.build`` and run by ``planning.apply_lowering`` under ``jax.jit``; the planner's
-  choice (``planning.choose``) is the first cheapest, marked ``chosen``;
+  choice (``planning.choose``: XLA's own lowering unless a candidate is predicted faster by
+  more than the profile's depart margin) is marked ``chosen``;
 * ``flax under a tool`` -- ``planning.lower(..., stored_weight=True, x_as_given=True)``, what
   ``einmix_jax.linen.EinMix`` runs while a tool (qwix, a hook) may intercept the contraction
   (XLA's own lowering: the same program as the ``as einsum`` candidate); without a tool the

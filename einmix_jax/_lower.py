@@ -84,9 +84,9 @@ with N-d dimension numbers, and only x and the result move (see :func:`_stored_w
 for any call whose weight is a tool's container. With ``x_as_given`` too it is the ``'as einsum'``
 form (:func:`_x_as_given_order`): a Flax layer runs it while a tool intercepts the contraction
 (qwix's quantization and LoRA need the stored param itself, and x with ``nn.Dense``'s axes).
-``jnp.einsum`` of the same operands (einops' layer) gives a tool the same and runs the same
-N-d dot, at most with its operands swapped (benchmarks/REGRET.md times the two on every layer of
-the corpus), so there is one form here and nothing to cost. Every other call, the Flax layers' included, keeps every
+``jnp.einsum`` of the same operands (einops' layer) gives a tool the same, but may swap the
+dot's operands, which benchmarks/REGRET.md measures faster on some layers; it is not yet a
+candidate here. Every other call, the Flax layers' included, keeps every
 candidate.
 """
 
