@@ -63,6 +63,8 @@ def _layer(record: dict[str, Any]) -> tuple[Any, tuple[int, ...]]:
 
 def _measured(record: dict[str, Any], choice: planning.Choice) -> dict[str, Any] | None:
     """The record's row for a candidate, if it was timed."""
+    if choice.stored_weight:  # a form under a tool (files before its rows: the same programs)
+        return record["rows"].get(_tool_row(record, choice))
     row = record["rows"].get("cand: " + choice.label)
     c = choice.candidate
     if row is None and c.pack and c.x_first and not c.rhs_t:
@@ -77,6 +79,40 @@ def samples(
     plan, x_shape = _layer(record)
     out = []
     for choice in planning.candidates(plan, x_shape, loops, profile=profile):
+        row = _measured(record, choice)
+        if row is not None:
+            fwd, bwd = planning.terms(plan, x_shape, choice)
+            out.append((choice, (fwd, bwd, row["fwd_ms"] / 1e3, row["fb_ms"] / 1e3)))
+    return out
+
+
+def tool_choices(record: dict[str, Any], profile: planning.Profile) -> list[planning.Choice]:
+    """The forms a Flax layer chooses from under a tool: ``lax.dot_general`` as ``nn.Dense``
+    calls it (``as einsum``), and ``jnp.einsum`` as einops' layer calls it."""
+    plan, x_shape = _layer(record)
+    return planning.candidates(
+        plan, x_shape, stored_weight=True, x_as_given=True, einsum=True, profile=profile
+    )
+
+
+def _tool_row(record: dict[str, Any], choice: planning.Choice) -> str:
+    """The row that times a form under a tool: ``tool: <label>``; in files from before those
+    rows, the programs that are the same (``flax under a tool``, then the ``lax.dot_general``
+    form) or that stand for it (einops' layer calls ``jnp.einsum`` of the same operands)."""
+    name = "tool: " + choice.label
+    if name in record["rows"]:
+        return name
+    return "einops layer" if choice.kind == "jnp.einsum" else "flax under a tool"
+
+
+def tool_samples(
+    record: dict[str, Any], profile: planning.Profile
+) -> list[tuple[planning.Choice, Sample]]:
+    """The ``jnp.einsum`` form's terms and times (the ``lax.dot_general`` one is the functional
+    ``as einsum`` candidate, already among :func:`samples`)."""
+    plan, x_shape = _layer(record)
+    out = []
+    for choice in tool_choices(record, profile)[1:]:
         row = _measured(record, choice)
         if row is not None:
             fwd, bwd = planning.terms(plan, x_shape, choice)
@@ -164,6 +200,22 @@ def decisions(
     return out
 
 
+def tool_decisions(
+    records: list[dict[str, Any]], profile: planning.Profile
+) -> list[tuple[str, float, float, float, float]]:
+    """:func:`decisions` for the Flax layers under a tool: the form ``profile`` chooses, its
+    regret against the better of the two forms, and its time over einops' layer's."""
+    out = []
+    for record in records:
+        choices = tool_choices(record, profile)
+        rows = [_tool_row(record, c) for c in choices]
+        name = _tool_row(record, planning.choose(choices))
+        regrets = [max(1.0, *(_ratio(record, name, r, m) for r in rows)) for m in ("fwd", "fb")]
+        einops = [_ratio(record, name, "einops layer", m) for m in ("fwd", "fb")]
+        out.append((name, *regrets, *einops))
+    return out
+
+
 #: the margins ``fit_margin`` tries (None: never depart from XLA's own lowering)
 MARGINS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, None)
 
@@ -171,30 +223,72 @@ MARGINS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, None)
 def fit_margin(
     records: list[dict[str, Any]], loops: bool, profile: planning.Profile
 ) -> tuple[float | None, list[str]]:
-    """The depart margin with the lowest worst regret (forward or forward+backward; then p90,
-    then the larger margin: closer to XLA's own lowering), and a table of every margin tried."""
+    """The depart margin with the lowest worst regret (forward or forward+backward, of the
+    functional choice and of the Flax layers' under a tool; then p90, then the larger margin:
+    closer to XLA's own lowering), and a table of every margin tried."""
     lines = [
-        "| depart_margin | regret fwd median / p90 / max | regret fwd+bwd median / p90 / max | "
-        "vs einops fwd p90 / max (> 1.05) | vs einops fwd+bwd median / max (> 1.05) |",
-        "|---|---|---|---|---|",
+        "| depart_margin | form | regret fwd median / p90 / max | regret fwd+bwd median / p90 / "
+        "max | vs einops fwd p90 / max (> 1.05) | vs einops fwd+bwd median / max (> 1.05) |",
+        "|---|---|---|---|---|---|",
     ]
     scores = []
     for margin in MARGINS:
-        d = np.array([r[1:] for r in decisions(records, loops, replace(profile, margin))])
-        q = {
-            s: (np.median(d[:, i]), np.percentile(d[:, i], 90), d[:, i].max())
-            for s, i in (("fwd", 0), ("fb", 1), ("eo fwd", 2), ("eo fb", 3))
-        }
-        over = [int((d[:, i] > 1.05).sum()) for i in (2, 3)]
-        lines.append(
-            f"| {margin} | {'/'.join(f'{v:.2f}' for v in q['fwd'])} | "
-            f"{'/'.join(f'{v:.2f}' for v in q['fb'])} | "
-            f"{q['eo fwd'][1]:.2f} / {q['eo fwd'][2]:.2f} ({over[0]}) | "
-            f"{q['eo fb'][0]:.2f} / {q['eo fb'][2]:.2f} ({over[1]}) |"
-        )
-        worst = max(q["fwd"][2], q["fb"][2])
-        p90 = max(q["fwd"][1], q["fb"][1])
+        p = replace(profile, margin)
+        worst, p90 = 0.0, 0.0
+        for form, made in (
+            ("functional", decisions(records, loops, p)),
+            ("flax under a tool", tool_decisions(records, p)),
+        ):
+            d = np.array([r[1:] for r in made])
+            q = {
+                s: (np.median(d[:, i]), np.percentile(d[:, i], 90), d[:, i].max())
+                for s, i in (("fwd", 0), ("fb", 1), ("eo fwd", 2), ("eo fb", 3))
+            }
+            over = [int((d[:, i] > 1.05).sum()) for i in (2, 3)]
+            lines.append(
+                f"| {margin} | {form} | {'/'.join(f'{v:.2f}' for v in q['fwd'])} | "
+                f"{'/'.join(f'{v:.2f}' for v in q['fb'])} | "
+                f"{q['eo fwd'][1]:.2f} / {q['eo fwd'][2]:.2f} ({over[0]}) | "
+                f"{q['eo fb'][0]:.2f} / {q['eo fb'][2]:.2f} ({over[1]}) |"
+            )
+            worst = max(worst, q["fwd"][2], q["fb"][2])
+            p90 = max(p90, q["fwd"][1], q["fb"][1])
         scores.append((round(worst, 2), round(p90, 2), -MARGINS.index(margin), margin))
+    return min(scores)[3], lines
+
+
+#: the values ``fit_by_decisions`` tries for a term's seconds (factors of its NNLS value)
+FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+def fit_by_decisions(
+    records: list[dict[str, Any]], loops: bool, profile: planning.Profile, term: str, fitted: float
+) -> tuple[float, list[str]]:
+    """The seconds of ``term`` (the others held) with the lowest worst replayed regret of both
+    forms (then p90, then the value nearest the least-squares one, ``fitted``), and the table.
+
+    For a term that decides between forms more than it adds to times: ``strided element`` is
+    all that tells the two forms under a tool apart, but a small share of most timings, so the
+    least-squares fit of times weighs it by that share, not by the decisions it makes.
+    """
+    lines = [
+        f"| {term} seconds | regret fwd / fwd+bwd max (functional) | ... (flax under a tool) |"
+    ]
+    lines.append("|---|---|---|")
+    scores = []
+    for factor in FACTORS:
+        value = float(f"{fitted * factor:.3g}")
+        seconds = tuple((t, value if t == term else s) for t, s in profile.seconds)
+        p = dataclasses.replace(profile, seconds=seconds)
+        fn = np.array([r[1:3] for r in decisions(records, loops, p)])
+        tool = np.array([r[1:3] for r in tool_decisions(records, p)])
+        lines.append(
+            f"| {value:.3g} | {fn[:, 0].max():.2f} / {fn[:, 1].max():.2f} | "
+            f"{tool[:, 0].max():.2f} / {tool[:, 1].max():.2f} |"
+        )
+        worst = max(fn.max(), tool.max())
+        p90 = max(np.percentile(fn, 90, axis=0).max(), np.percentile(tool, 90, axis=0).max())
+        scores.append((round(worst, 2), round(p90, 2), abs(factor - 1.0), value))
     return min(scores)[3], lines
 
 
@@ -205,6 +299,12 @@ def replace(profile: planning.Profile, margin: float | None) -> planning.Profile
 
 def replay(records: list[dict[str, Any]], loops: bool, profile: planning.Profile) -> list[str]:
     """The planner's regret on measured layers if it planned with ``profile``: median, p90, max."""
+    tool = np.array([r[1:3] for r in tool_decisions(records, profile)])
+    under_tool = [
+        f"flax under a tool, regret {m}: median {np.median(tool[:, i]):.2f}, "
+        f"p90 {np.percentile(tool[:, i], 90):.2f}, max {tool[:, i].max():.2f}"
+        for i, m in enumerate(("fwd", "fwd+bwd"))
+    ]
     regrets: dict[str, list[float]] = {"fwd": [], "fwd+bwd": []}
     worst = []
     for i, (record, (name, r_fwd, r_fb, _, _)) in enumerate(
@@ -223,7 +323,7 @@ def replay(records: list[dict[str, Any]], loops: bool, profile: planning.Profile
             f"  worst #{i} {record['kind']} {tuple(record['x_shape'])}: {label!r} "
             f"{r_fwd:.2f} / {r_fb:.2f}"
         )
-    return lines
+    return lines + under_tool
 
 
 def base_profile(runs: list[dict[str, Any]]) -> planning.Profile:
@@ -251,13 +351,28 @@ def main(argv: list[str] | None = None) -> planning.Profile:
     data: list[tuple[str, Sample]] = []
     for run in runs:
         for record in run["records"]:
-            data += [(record["kind"], s) for _, s in samples(record, run["loops"], current)]
+            timed = samples(record, run["loops"], current) + tool_samples(record, current)
+            data += [(record["kind"], s) for _, s in timed]
     files = ", ".join(p.name for p in args.json)
     name = args.name or f"{current.platform}, fitted by calibrate.py to {files}"
     fitted = fitted_profile(current, fit([s for _, s in data]), name)
     records = [(run["records"], run["loops"]) for run in runs]
-    margin, table = fit_margin([r for rs, _ in records for r in rs], runs[0]["loops"], current)
-    print(f"Depart margin (with the current seconds), fitted: {margin}")
+    every = [r for rs, _ in records for r in rs]
+    term = "strided element"
+    strided, table = fit_by_decisions(
+        every, runs[0]["loops"], current, term, dict(fitted.seconds)[term]
+    )
+    print(f"{term!r} seconds, fitted by the decisions (the others as now): {strided:.3g}")
+    print("\n".join(table) + "\n")
+
+    def with_strided(p: planning.Profile) -> planning.Profile:
+        return dataclasses.replace(
+            p, seconds=tuple((t, strided if t == term else s) for t, s in p.seconds)
+        )
+
+    fitted = with_strided(fitted)
+    margin, table = fit_margin(every, runs[0]["loops"], with_strided(current))
+    print(f"Depart margin (the current seconds, {term!r} as fitted), fitted: {margin}")
     print("\n".join(table) + "\n")
     fitted = replace(fitted, margin)
     print(f"{len(data)} candidate timings of {sum(len(r['records']) for r in runs)} layers\n")

@@ -22,7 +22,7 @@ from jax.typing import ArrayLike
 
 from ._cache import LRU
 from ._errors import EinMixError
-from ._execute import compute, dtype_of, intercepted
+from ._execute import compute, dtype_of, intercepted, tool_active
 from ._keys import hook_key, weak_key
 from ._keys import hook_ref as ref_to
 from ._lower import lower
@@ -41,7 +41,8 @@ Params = dict[str, jax.Array]
 #: What a call runs: the planner's choice ('planned'), or the weight as stored, untouched, as
 #: the right operand of the dot ('stored': x moved to a GEMM view, for a weight that is a tool's
 #: container; 'as given': x with ``nn.Dense``'s axes, for a Flax layer while a tool may intercept
-#: the contraction).
+#: the contraction; under a tool that patches ``jnp.einsum``, not a hook, the planner may instead
+#: pass both to ``jnp.einsum``, as einops' layer does).
 FORMS = ("planned", "stored", "as given")
 
 
@@ -83,7 +84,11 @@ def lowering_for(
     if form == "planned" and not abstract:  # a tool's container: it cannot be moved
         form = "stored"
     if form != "planned":
-        return lower(layer.plan, shape, stored_weight=True, x_as_given=form == "as given")
+        # under a tool that patches jnp.einsum too (qwix), einops' jnp.einsum call is a
+        # candidate; a hook is a dot_general, called as nn.Dense calls it
+        as_given = form == "as given"
+        einsum = as_given and layer.dot_general is None and tool_active()
+        return lower(layer.plan, shape, stored_weight=True, x_as_given=as_given, einsum=einsum)
     packs = False if _sharded_weight(weight) else None
     if not (measure and measuring()):
         return lower(layer.plan, shape, packs=packs)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._errors import EinMixError
 from ._lowering import Lowering, Step
 from ._options import DotGeneral
 from ._params import is_array
@@ -77,6 +78,8 @@ _PATCHED = tuple(
 )
 #: the functional apply's contraction: ``jax.lax.dot_general`` as imported, where no tool reaches
 _LAX_DOT_GENERAL = _private_copy(jax.lax.dot_general)
+#: ... and ``jnp.einsum``, for the ``'jnp.einsum'`` form
+_JNP_EINSUM = _private_copy(jnp.einsum)
 
 
 def intercepted(layer: Contraction) -> bool:
@@ -134,8 +137,8 @@ def execute(
 ) -> jax.Array:
     """Run a lowering's steps in order; returns the output.
 
-    The contraction is ``options.dot_general``, else ``jax.lax.dot_general``: looked up at call
-    time when ``traced`` (a module's call, so a tool that patches it sees the contraction), as
+    The contraction is ``options.dot_general``, else ``jax.lax.dot_general`` (or, for the
+    ``'jnp.einsum'`` form, ``jnp.einsum``): looked up at call time when ``traced`` (a module's call, so a tool that patches it sees the contraction), as
     imported otherwise (the functional apply's own jit: no tool sees inside it). It is called as
     Flax's layers call it: ``dot_general(lhs, rhs, dimension_numbers, precision=...)``, with
     ``preferred_element_type=`` only when it is set.
@@ -162,6 +165,13 @@ def execute(
             copied = own_dot
         elif step.op in ("dot_general", "loop"):
             values["y"] = _contract(step, values, dot_general, kwargs, copied)
+        elif step.op == "einsum":  # x and the weight as they are, as einops' layer calls it
+            if hook is not None:
+                raise EinMixError(
+                    "the 'jnp.einsum' form calls jnp.einsum, which takes no dot_general hook"
+                )
+            einsum = jnp.einsum if traced else _JNP_EINSUM
+            values["y"] = einsum(step.arg[2], values["x"], values["weight"], **kwargs)
         elif step.op == "add":  # in the dot's order: fuses into the transpose, and its gradient
             y_view, bias_view = step.detail
             y = values["y"]

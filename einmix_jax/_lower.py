@@ -96,6 +96,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import string
 
 from ._lowering import DimensionNumbers, Lowering, Parts, Perm, assemble, label
 from ._parse import Plan, expand_groups, resolve_sizes
@@ -128,9 +129,10 @@ class _Candidate:
 
     @property
     def kind(self) -> str:
-        """'as einsum', 'loop', 'block-diagonal', 'broadcast batch', 'x first' or 'w first'."""
+        """'as einsum', 'jnp.einsum', 'loop', 'block-diagonal', 'broadcast batch', 'x first' or
+        'w first'."""
         if self.as_given:
-            return "as einsum"
+            return "as einsum" if self.x_first else "jnp.einsum"
         if self.loop:
             return "loop"
         if self.pack:
@@ -327,7 +329,7 @@ def _terms(
     """
     p = profile() if p is None else p
     if c.as_given:
-        return _as_given_terms(ax, p)
+        return _as_given_terms(ax, p, c.x_first)
     cs, sizes = ax.cost_size, ax.sizes
     outer = set(c.loop) | set(c.dot_batch)
     steps = cs(c.loop) if c.loop else 1
@@ -338,11 +340,23 @@ def _terms(
     def moved(src: list[str], dst: list[str], size: int) -> int:
         return 0 if _perm(src, dst, sizes) is None else size
 
-    transposes = (
-        moved(ax.x_kept, c.x_order, x_size)
-        + moved(c.y_order, ax.out_axes, y_size)
-        + moved(ax.w_axes, c.w_order, w_size)
+    moves = (
+        (ax.x_kept, c.x_order, x_size),
+        (c.y_order, ax.out_axes, y_size),
+        (ax.w_axes, c.w_order, w_size),
     )
+    transposes = sum(moved(*m) for m in moves)
+
+    def strided(src: list[str], dst: list[str], size: int) -> int:
+        """A transpose that changes the minor (last long) axis: elements read or written with a
+        stride, not in contiguous rows."""
+        long_src, long_dst = ([a for a in o if sizes[a] != 1] for o in (src, dst))
+        same_minor = long_src[-1:] == long_dst[-1:]
+        return 0 if same_minor or _perm(src, dst, sizes) is None else size
+
+    # x on the left with its contracted axes brought minor, and the result's transpose back
+    # (with the weight first, x's rows move whole: XLA:CPU times these 1.3-5x apart)
+    strides = sum(strided(*m) for m in moves[:2]) if c.x_first else 0
     # the broadcast copy (forward) and the sum of the per-slice weight gradients (backward);
     # along axes of length 1 it is a reshape
     bcast = d * k * n if c.bcast and cs(c.bcast) > 1 else 0
@@ -360,6 +374,7 @@ def _terms(
         "narrow dot element": elements * max(0.0, p.narrow / max(1, min(k, n)) - 1),
         "dot": steps * d,
         "moved element": transposes + bcast + pack,
+        "strided element": strides,
         "loop element": loop_io,
         "loop step": steps if c.loop else 0,
         "io element": io,
@@ -370,6 +385,7 @@ def _terms(
         "narrow dot element": 2 * fwd["narrow dot element"],
         "dot": 2 * fwd["dot"],
         "moved element": fwd["moved element"] + outer_product,
+        "strided element": strides,
         "loop element": loop_io + (steps * d * k * n if c.loop else 0),  # + the dw accumulation
         "loop step": fwd["loop step"],
         "io element": 2 * io,
@@ -377,11 +393,15 @@ def _terms(
     return fwd, bwd
 
 
-def _as_given_terms(ax: _Axes, p: Profile) -> tuple[dict[str, float], dict[str, float]]:
+def _as_given_terms(
+    ax: _Axes, p: Profile, x_first: bool = True
+) -> tuple[dict[str, float], dict[str, float]]:
     """The terms of XLA's own lowering (x and the weight into one N-d dot as they are).
 
     XLA brings the forward dot's operands to its canonical GEMM layout, so its forward is that
-    of the cheaper canonical form (x first, no outer axes). Its backward dots are the transposes
+    of the cheaper canonical form with the same operand order and no outer axes (x first for
+    ``lax.dot_general(x, w)``; w first for ``jnp.einsum``, which puts the weight first). Its
+    backward dots are the transposes
     of an N-d dot: unless the dot already is a canonical GEMM (x in ``(batch, rows,
     contracted)`` order, at most one dimension of length > 1 per class), they contract or produce
     several dimensions at once, and XLA writes out x- and output-sized operands to canonicalize
@@ -390,7 +410,7 @@ def _as_given_terms(ax: _Axes, p: Profile) -> tuple[dict[str, float], dict[str, 
     need.
     """
     fwd, bwd = min(
-        (_terms(ax, e, p) for e in _enumerate(ax, False, outer_axes=False) if e.x_first),
+        (_terms(ax, e, p) for e in _enumerate(ax, False, outer_axes=False) if e.x_first == x_first),
         key=lambda t: p.seconds_of(t[0]) + p.seconds_of(t[1]),
     )
 
@@ -409,7 +429,7 @@ def _as_given_terms(ax: _Axes, p: Profile) -> tuple[dict[str, float], dict[str, 
 def _label(c: _Candidate, stored_weight: bool = False) -> str:
     """A short name: 'x first', 'w first, rhs (D,N,K)', 'loop over b', 'broadcast over b', ..."""
     if c.as_given:
-        return "as einsum"
+        return c.kind
     if stored_weight:
         return "weight as stored"
     parts = ["x first" if c.x_first else "w first"]
@@ -473,6 +493,7 @@ def candidates(
     stored_weight: bool = False,
     packs: bool | None = None,
     x_as_given: bool = False,
+    einsum: bool = False,
     *,
     profile: Profile | None = None,
 ) -> list[Choice]:
@@ -481,7 +502,9 @@ def candidates(
     ``lower(plan, x_shape, loops, stored_weight, packs)`` is ``build`` of :func:`choose` of
     these; the first is XLA's own lowering, ``'as einsum'``. With ``stored_weight`` there is one,
     the weight as stored, at cost 1 (with ``x_as_given``, ``'as einsum'``: the form a Flax layer
-    runs under an interception tool). ``loops`` and ``packs``
+    runs under an interception tool, ``nn.Dense``'s call; with ``einsum`` too, also
+    ``'jnp.einsum'``, einops' call, both costed for a large input: see :func:`_tool_axes`).
+    ``loops`` and ``packs``
     allow the loops and the block-diagonal packings; ``None``: as the profile says (by default
     the one in use for this backend and device count).
 
@@ -492,12 +515,12 @@ def candidates(
         >>> for c in choices:  # predicted regret, forward and forward+backward seconds
         ...     if 'rhs' not in c.label:
         ...         print(f'{c.label:38} {c.cost:4.2f} {c.fwd * 1e3:5.1f} ms {c.fwd_bwd * 1e3:5.1f} ms')
-        as einsum                              1.39  24.5 ms  73.4 ms
-        x first                                1.34  24.5 ms  64.6 ms
+        as einsum                              1.53  27.9 ms  80.3 ms
+        x first                                1.53  27.9 ms  71.5 ms
         w first                                1.34  24.5 ms  64.7 ms
-        x first, batch (b), broadcast over b   1.48  26.9 ms  70.1 ms
+        x first, batch (b), broadcast over b   1.67  30.4 ms  77.0 ms
         w first, batch (b), broadcast over b   1.00  18.2 ms  52.8 ms
-        x first, loop over b                   2.00  34.8 ms  87.8 ms
+        x first, loop over b                   2.20  38.2 ms  94.7 ms
         w first, loop over b                   1.50  26.1 ms  70.5 ms
         >>> choose(choices).label
         'w first, batch (b), broadcast over b'
@@ -506,9 +529,13 @@ def candidates(
     loops = p.loops if loops is None else loops
     packs = p.packs if packs is None else packs
     ax = _classify(plan, x_shape)
+    costed = ax
     if stored_weight:
         order = _x_as_given_order(ax) if x_as_given else _stored_weight_order(ax)
         found = [(ax, order)]
+        if x_as_given and einsum and len(ax.sizes) <= len(string.ascii_letters):
+            found.append((ax, _x_as_given_order(ax, x_first=False)))
+            costed = _tool_axes(ax)
     else:  # XLA's own lowering first: the one kept unless another is clearly faster (choose)
         found = [(ax, _x_as_given_order(ax))]
         found += [(ax, c) for c in _enumerate(ax, loops, loop_min_rows=p.loop_min_rows)]
@@ -522,7 +549,7 @@ def candidates(
                 found += [(packed, c) for c in kept]
     times = []
     for axes, c in found:
-        fwd, bwd = _terms(axes, c, p)
+        fwd, bwd = _terms(costed if axes is ax else axes, c, p)
         times.append((p.seconds_of(fwd), p.seconds_of(fwd) + p.seconds_of(bwd)))
     costs = regrets(times, [bool(c.loop) for _, c in found], p.loop_margin)
     return [
@@ -537,6 +564,26 @@ def candidates(
         )
         for (_, c), (f, fb), cost in zip(found, times, costs, strict=True)
     ]
+
+
+def _tool_axes(ax: _Axes) -> _Axes:
+    """``ax`` with every x-only axis at :data:`SYMBOLIC_LENGTH`: the lengths the two forms a
+    tool may see (``lax.dot_general`` and ``jnp.einsum``) are costed with.
+
+    A tool keys what it keeps by the op it intercepts (qwix: a rule's ``op_names``, the
+    ``dot_general0`` or ``einsum0`` in the names of static scales), so a layer must give it the
+    same op at every call: at calibration and when serving, at any batch size or sequence
+    length. Only the weight's lengths are fixed for a layer (its params have them); the x-only
+    axes are costed as large, as a symbolic batch is, so the choice is the layer's own.
+
+    Example:
+        >>> from ._parse import parse
+        >>> plan = parse('b t c -> b t d', 'c d', None, (('c', 4), ('d', 3)))
+        >>> _tool_axes(_classify(plan, (2, 1, 4))).sizes
+        {'c': 4, 'd': 3, 'b': 65536, 't': 65536}
+    """
+    long = {a: SYMBOLIC_LENGTH for a in [*ax.x_free, *ax.summed]}
+    return dataclasses.replace(ax, sizes={**ax.sizes, **long}, cost_sizes={**ax.cost_sizes, **long})
 
 
 def _full_rate_seconds(ax: _Axes, c: _Candidate, p: Profile) -> float:
@@ -592,8 +639,9 @@ def choose(choices: list[Choice]) -> Choice:
 def _xla_form(c: _Candidate) -> bool:
     """Whether ``c`` is XLA's own lowering: x and the weight as given in one N-d dot, or the
     canonical GEMM form XLA makes of it (x first, no outer axes: the same forward dot, with
-    adjacent axes merged by free reshapes, and 2-d dots in the backward pass)."""
-    return c.as_given or (c.x_first and not (c.loop or c.bcast or c.pack))
+    adjacent axes merged by free reshapes, and 2-d dots in the backward pass). Under a tool, the
+    ``lax.dot_general`` that ``nn.Dense`` calls; ``jnp.einsum``'s weight-first dot departs."""
+    return c.x_first and not (c.loop or c.bcast or c.pack)
 
 
 def lower(
@@ -603,6 +651,7 @@ def lower(
     stored_weight: bool = False,
     packs: bool | None = None,
     x_as_given: bool = False,
+    einsum: bool = False,
     *,
     profile: Profile | None = None,
 ) -> Lowering:
@@ -612,8 +661,9 @@ def lower(
     block-diagonal packings (``None``: as the profile says). ``stored_weight`` asks for the one
     lowering in which the weight is the dot's right operand exactly as stored (see
     :func:`_stored_weight_order`), as a tool's container needs it; ``x_as_given`` also keeps x's
-    axes as they are (:func:`_x_as_given_order`), as a Flax layer runs under an interception tool.
-    The same as ``build(plan, x_shape, choose(candidates(...)))``.
+    axes as they are (:func:`_x_as_given_order`), as a Flax layer runs under an interception tool,
+    and ``einsum`` lets it be ``jnp.einsum``'s call instead where that is predicted faster by more
+    than the profile's ``depart_margin`` (for a tool that patches ``jnp.einsum`` too). The same as ``build(plan, x_shape, choose(candidates(...)))``.
 
     Example:
         >>> from ._parse import parse
@@ -625,7 +675,7 @@ def lower(
         ((1, 256, 196), (64, 256, 196))
     """
     p = _profile_of(profile)
-    return _lower(plan, x_shape, loops, stored_weight, packs, x_as_given, p)
+    return _lower(plan, x_shape, loops, stored_weight, packs, x_as_given, einsum, p)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -636,9 +686,10 @@ def _lower(
     stored_weight: bool,
     packs: bool | None,
     x_as_given: bool,
+    einsum: bool,
     p: Profile,
 ) -> Lowering:
-    choices = candidates(plan, x_shape, loops, stored_weight, packs, x_as_given, profile=p)
+    choices = candidates(plan, x_shape, loops, stored_weight, packs, x_as_given, einsum, profile=p)
     return build(plan, x_shape, choose(choices))
 
 
@@ -712,8 +763,29 @@ def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:
         out_flat_shape=tuple(sizes[a] for a in out_axes),
         out_shape=tuple(math.prod(sizes[a] for a in g) for g in ax.out_groups),
         strategy=choice.kind,
+        einsum=_einsum_spec(best, w_axes) if best.as_given and not x_first else None,
     )
     return assemble(parts)
+
+
+def _einsum_spec(c: _Candidate, w_axes: list[str]) -> str:
+    """The ``jnp.einsum`` subscripts of the ``'jnp.einsum'`` form: x's axes, the weight's, the
+    output's, one letter per axis.
+
+    Example:
+        >>> from ._parse import parse
+        >>> plan = parse('t b c -> u b c', 't u', None, (('t', 3), ('u', 2)))
+        >>> _einsum_spec(_x_as_given_order(_classify(plan, (3, 4, 5)), x_first=False), ['t', 'u'])
+        'abc,ad->dbc'
+    """
+    axes = list(dict.fromkeys([*c.x_order, *w_axes, *c.y_order]))
+    assert len(axes) <= len(string.ascii_letters), "candidates() offers it up to 52 axes"
+    letter = dict(zip(axes, string.ascii_letters, strict=False))
+
+    def word(names: list[str]) -> str:
+        return "".join(letter[a] for a in names)
+
+    return f"{word(c.x_order)},{word(w_axes)}->{word(c.y_order)}"
 
 
 def _stored_weight_order(ax: _Axes) -> _Candidate:
@@ -748,7 +820,7 @@ def _stored_weight_order(ax: _Axes) -> _Candidate:
     )
 
 
-def _x_as_given_order(ax: _Axes) -> _Candidate:
+def _x_as_given_order(ax: _Axes, x_first: bool = True) -> _Candidate:
     """The stored-weight form with x's axes as they are: nothing moves before the dot.
 
     The Flax layers run it while a tool intercepts the contraction: x reaches the dot with the
@@ -757,6 +829,8 @@ def _x_as_given_order(ax: _Axes) -> _Candidate:
     axes (``act_batch_axes``, per-token static scales) by position, and finds a weight by shape
     when its identity is lost: a merged ``((b t), c)`` view of x can have the weight's shape.
     The dot gives ``(batch..., x-only..., w-only...)``, transposed to the output order afterwards.
+    ``x_first=False``: the same operands in ``jnp.einsum`` (x, then the weight), which gives the
+    output order itself and runs it as ``lax.dot_general(weight, x)``, as einops' layer does.
 
     Example:
         >>> from ._parse import parse
@@ -768,15 +842,16 @@ def _x_as_given_order(ax: _Axes) -> _Candidate:
     """
     batch = [a for a in ax.x_kept if a in set(ax.batch)]
     in_x = set(ax.batch) | set(ax.contracted)
+    dot_order = batch + ax.x_free + [a for a in ax.w_axes if a not in in_x]
     return _Candidate(
         loop=[],
         dot_batch=batch,
         bcast=[],
-        x_first=True,
+        x_first=x_first,
         rhs_t=False,
         x_order=list(ax.x_kept),
         w_order=list(ax.w_axes),
-        y_order=batch + ax.x_free + [a for a in ax.w_axes if a not in in_x],
+        y_order=dot_order if x_first else list(ax.out_axes),
         x_blocks=[[a] for a in ax.x_kept],
         w_blocks=[[a] for a in ax.w_axes],
         as_given=True,

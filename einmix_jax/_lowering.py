@@ -2,7 +2,8 @@
 
 Each :class:`Step` is one shape operation on one operand (``'x'``, ``'weight'``, ``'y'`` or
 ``'bias'``): a reshape, a sum, a transpose, a block-diagonal pack, a broadcast, a copy, the dot
-(``'dot_general'``, or ``'loop'``: one dot per slice of x's first dimension) or the bias add, with
+(``'dot_general'``; ``'loop'``: one dot per slice of x's first dimension; ``'einsum'``: one
+``jnp.einsum`` call of x and the weight) or the bias add, with
 its argument, the operand's shape after it and the axis names of its dimensions.
 ``_execute.execute`` runs the steps in order and ``describe`` prints them: the two read the same
 list, so what is shown is what runs.
@@ -30,6 +31,10 @@ DimensionNumbers = tuple[
 ]
 
 
+#: the ops of a contraction step
+CONTRACTIONS = ("dot_general", "loop", "einsum")
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One shape operation: ``operand`` goes through ``op`` with ``arg`` and comes out ``shape``.
@@ -37,7 +42,8 @@ class Step:
     ``arg`` is a shape (``'reshape'``, ``'broadcast'``), the summed dimensions (``'sum'``), a
     permutation (``'transpose'``), the group count (``'pack'``), ``None`` (``'copy'``),
     ``(lhs_shape, rhs_shape, dimension_numbers)`` (``'dot_general'``, ``'loop'``: one iteration's;
-    the ``operand`` of a dot names its left operand, ``'x'`` or ``'weight'``) or the bias's
+    the ``operand`` of a dot names its left operand, ``'x'`` or ``'weight'``), ``(x_shape,
+    weight_shape, subscripts)`` (``'einsum'``: ``jnp.einsum`` of x and the weight) or the bias's
     broadcast shape (``'add'``). ``labels`` name the axes of each dimension of ``shape``.
 
     Example:
@@ -74,6 +80,8 @@ class Step:
         if self.op == "add":
             return f"y: add bias reshaped to {_dims(self.labels, self.arg)}"
         lhs, rhs, numbers = self.arg
+        if self.op == "einsum":
+            return f"jnp.einsum({numbers!r}, x {lhs}, weight {rhs}) -> {dims}"
         first, second = ("x", "weight") if self.operand == "x" else ("weight", "x")
         loop = f"lax.map over {self.labels[0]}={self.shape[0]} of " if self.op == "loop" else ""
         return (
@@ -110,8 +118,8 @@ class Lowering:
 
     @property
     def dot(self) -> Step:
-        """The contraction step (``'dot_general'`` or ``'loop'``)."""
-        return next(s for s in self.steps if s.op in ("dot_general", "loop"))
+        """The contraction step (``'dot_general'``, ``'loop'`` or ``'einsum'``)."""
+        return next(s for s in self.steps if s.op in CONTRACTIONS)
 
     @property
     def x_perm(self) -> Perm:
@@ -158,8 +166,9 @@ class Lowering:
         return self._find("weight", "copy") is not None
 
     @property
-    def dimension_numbers(self) -> DimensionNumbers:
-        return self.dot.arg[2]
+    def dimension_numbers(self) -> DimensionNumbers | None:
+        """The dot's dimension numbers; None where the contraction is a ``jnp.einsum`` call."""
+        return None if self.dot.op == "einsum" else self.dot.arg[2]
 
     def _before_dot(self, operand: str) -> list[Step]:
         end = self.steps.index(self.dot)
@@ -240,6 +249,9 @@ class Parts:
     out_flat_shape: Shape
     out_shape: Shape
     strategy: str
+    #: the ``jnp.einsum`` subscripts, where the contraction is that call (the ``'jnp.einsum'``
+    #: form: x and the weight as they are, the result in the output's order); None: a dot
+    einsum: str | None = None
 
 
 def assemble(p: Parts) -> Lowering:
@@ -297,25 +309,30 @@ def assemble(p: Parts) -> Lowering:
         steps.append(Step("weight", "copy", None, p.w_dot_shape, w_labels))
 
     # the contraction
-    x_dot, x_dot_labels = p.x_dot_shape, x_labels
-    if p.loop:  # one iteration of lax.map sees x without its first dimension
-        x_dot, x_dot_labels = x_dot[1:], x_dot_labels[1:]
-    lhs, rhs, lhs_labels, rhs_labels = x_dot, p.w_dot_shape, x_dot_labels, w_labels
-    if not p.x_first:
-        lhs, rhs, lhs_labels, rhs_labels = rhs, lhs, rhs_labels, lhs_labels
-    (lhs_k, rhs_k), (lhs_b, rhs_b) = p.dimension_numbers
-    order = (
-        [(0, i) for i in lhs_b]
-        + [(0, i) for i in range(len(lhs)) if i not in lhs_k + lhs_b]
-        + [(1, i) for i in range(len(rhs)) if i not in rhs_k + rhs_b]
-    )
-    dot_shape = tuple((lhs, rhs)[side][i] for side, i in order)
-    dot_labels = tuple((lhs_labels, rhs_labels)[side][i] for side, i in order)
-    if p.loop:  # results stacked in front
-        dot_shape, dot_labels = (p.x_dot_shape[0], *dot_shape), (x_labels[0], *dot_labels)
-    operand = "x" if p.x_first else "weight"
-    op = "loop" if p.loop else "dot_general"
-    steps.append(Step(operand, op, (lhs, rhs, p.dimension_numbers), dot_shape, dot_labels))
+    if p.einsum is not None:  # x, then the weight, as einops' layer calls it
+        dot_shape = tuple(sizes[a] for a in p.out_axes)
+        args = (p.x_dot_shape, p.w_dot_shape, p.einsum)
+        steps.append(Step("x", "einsum", args, dot_shape, tuple(p.out_axes)))
+    else:
+        x_dot, x_dot_labels = p.x_dot_shape, x_labels
+        if p.loop:  # one iteration of lax.map sees x without its first dimension
+            x_dot, x_dot_labels = x_dot[1:], x_dot_labels[1:]
+        lhs, rhs, lhs_labels, rhs_labels = x_dot, p.w_dot_shape, x_dot_labels, w_labels
+        if not p.x_first:
+            lhs, rhs, lhs_labels, rhs_labels = rhs, lhs, rhs_labels, lhs_labels
+        (lhs_k, rhs_k), (lhs_b, rhs_b) = p.dimension_numbers
+        order = (
+            [(0, i) for i in lhs_b]
+            + [(0, i) for i in range(len(lhs)) if i not in lhs_k + lhs_b]
+            + [(1, i) for i in range(len(rhs)) if i not in rhs_k + rhs_b]
+        )
+        dot_shape = tuple((lhs, rhs)[side][i] for side, i in order)
+        dot_labels = tuple((lhs_labels, rhs_labels)[side][i] for side, i in order)
+        if p.loop:  # results stacked in front
+            dot_shape, dot_labels = (p.x_dot_shape[0], *dot_shape), (x_labels[0], *dot_labels)
+        operand = "x" if p.x_first else "weight"
+        op = "loop" if p.loop else "dot_general"
+        steps.append(Step(operand, op, (lhs, rhs, p.dimension_numbers), dot_shape, dot_labels))
 
     # after: split merged dimensions, add the bias, transpose to the output order, merge groups
     names = p.out_axes
@@ -353,5 +370,11 @@ def assemble(p: Parts) -> Lowering:
 
 def dot_flops(low: Lowering) -> int:
     """``2 * multiply-adds`` of the lowering's dot (all iterations; zeros of a packing too)."""
-    lhs, _, ((lhs_k, _), _) = low.dot.arg
+    lhs, _, numbers = low.dot.arg
+    if low.dot.op == "einsum":  # the x subscripts in neither the output: contracted
+        x_letters, rest = numbers.split(",")
+        out = rest.split("->")[1]
+        lhs_k = tuple(i for i, a in enumerate(x_letters) if a not in out)
+    else:
+        ((lhs_k, _), _) = numbers
     return 2 * math.prod(low.dot.shape) * math.prod(lhs[i] for i in lhs_k)

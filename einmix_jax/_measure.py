@@ -142,7 +142,7 @@ def shortlist(choices: list[Choice], top: int) -> list[Choice]:
         >>> from einmix_jax import _lower
         >>> plan = em.layer('b t c -> b u c', 't u', t=196, u=256).plan
         >>> [c.label for c in shortlist(_lower.candidates(plan, (64, 196, 512), True, profile=em.planning.EXAMPLE_PROFILE), 4)]
-        ['w first, batch (b), broadcast over b', 'x first', 'w first', 'as einsum', 'w first, loop over b']
+        ['w first, batch (b), broadcast over b', 'w first', 'w first, loop over b', 'as einsum', 'x first']
     """
     ranked = sorted(choices, key=lambda c: c.cost)  # stable: ties keep their order
     firsts = {id(next(c for c in ranked if c.kind == k)) for k in {c.kind for c in ranked}}

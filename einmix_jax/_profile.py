@@ -38,7 +38,10 @@ from ._errors import EinMixError
 #: ``_lower._terms``): dot FLOPs; elements a dot reads and writes (its operands and result, per
 #: matrix: what makes a batch of small GEMMs or a matrix-vector product memory-bound), again for
 #: narrow GEMMs; dots (per matrix of a batched dot); elements moved by a transpose, a weight
-#: broadcast (and its gradient's sum) or a block-diagonal packing; elements a loop copies in and
+#: broadcast (and its gradient's sum) or a block-diagonal packing; again for the transposes of x
+#: and of the result around a dot with x on the left that change their minor axis (strided
+#: elements: x's contracted axes brought minor, where with the weight first its rows would
+#: move whole); elements a loop copies in and
 #: out (and the weight gradient it accumulates); loop iterations; and the elements of x and the
 #: output, which every candidate reads and writes (so absolute times fit).
 TERMS = (
@@ -47,6 +50,7 @@ TERMS = (
     "narrow dot element",
     "dot",
     "moved element",
+    "strided element",
     "loop element",
     "loop step",
     "io element",
@@ -160,7 +164,11 @@ class Profile:
 #: XLA:CPU, fitted by ``benchmarks/calibrate.py`` to the forward and forward+backward times of
 #: every candidate of the regret corpus (seed 0, 5 rounds: 494 timings of 40 layers, on a 2-core
 #: Intel Xeon VM); its depart margin fitted there on the replayed regret (margins 0 to 0.2
-#: choose alike, 0.3 and more keep XLA's lowering where a departure was 1.4x faster). A loop of 2-d GEMMs can beat a batched GEMM with a broadcast weight here (whose
+#: choose alike, 0.3 and more keep XLA's lowering where a departure was 1.4x faster). The
+#: strided elements' seconds were chosen by the replayed decisions (calibrate.py's
+#: ``fit_by_decisions``): they are what tells ``nn.Dense``'s ``lax.dot_general`` from
+#: ``jnp.einsum`` under a tool (1.3-11x apart on the corpus), a small share of most timings. A
+#: loop of 2-d GEMMs can beat a batched GEMM with a broadcast weight here (whose
 #: backward pass sums the per-slice weight gradients in one slow fused kernel); XLA:CPU runs a dot
 #: whose left operand is contracted along a leading dimension outside its fast GEMM path, so that
 #: operand is copied first; and it writes a one-row dot's weight gradient transposed and copies it.
@@ -173,6 +181,7 @@ XLA_CPU = Profile(
         ("narrow dot element", 1.67e-10),
         ("dot", 0.0),
         ("moved element", 5.88e-10),
+        ("strided element", 2.33e-10),
         ("loop element", 6.2e-10),
         ("loop step", 8.92e-06),
         ("io element", 1.15e-10),

@@ -125,6 +125,16 @@ class EinMix(nn.Module):
         object.__setattr__(self, "logical_axes", None if logical is None else FrozenDict(logical))
         super().__post_init__()
 
+    @nn.nowrap
+    def __setattr__(self, name: str, value: Any) -> None:
+        """As Flax's, except for qwix's LoRA record of the einsum it ran (``weight_lora_einsum_str``,
+        set on the module while it is traced, when the ``jnp.einsum`` form runs): a linen module is
+        frozen then, so the record is kept as a plain attribute instead of raising."""
+        if name.endswith("_lora_einsum_str"):
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     def __repr__(self) -> str:
         args = [repr(self.pattern)]
         if self.weight_shape is not None or self.bias_shape is not None:

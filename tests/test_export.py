@@ -117,7 +117,7 @@ def test_symbolic_lowering_is_deterministic_and_counts_a_symbolic_length_as_larg
     b = jax.export.symbolic_shape("b")[0]
     symbolic = _lower.lower(plan, (b, 3, 4), loops=True)
     again = _lower._lower.__wrapped__(
-        plan, (b, 3, 4), True, False, None, False, em.planning.profile()
+        plan, (b, 3, 4), True, False, None, False, False, em.planning.profile()
     )
     assert symbolic == again
     assert symbolic.strategy != "loop"  # lax.map needs a static count
