@@ -748,7 +748,8 @@ def candidate_sets() -> str:
     p = planning.profile()
     return (
         "Candidate sets: the backend's profile (`planning.profile()`) says which forms the planner "
-        "considers. XLA's own lowering (`as einsum`, what `jnp.einsum` runs) is always the first; "
+        "considers. XLA's own lowering (`as einsum`: one N-d `lax.dot_general`, x first) is always "
+        "the first; "
         "the planner keeps it, or its 2-d `x first` spelling, unless another candidate is "
         "predicted faster by more than the profile's `depart_margin`. On a single XLA:CPU device "
         "every candidate, loops (`lax.map` over leading x-only axes) included; on several devices "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from ._apply import form_of, lowering_for, runs_sharded
 from ._errors import EinMixError, describe_call
 from ._layer import EinMix, layer
-from ._lowering import Lowering, Step, dot_flops
+from ._lowering import CONTRACTIONS, Lowering, Step, dot_flops
 from ._options import index, merge_sizes
 from ._params import check_params
 from ._parse import normalize_axes, param_sizes_from_input
@@ -67,8 +67,10 @@ class Description:
 
     @property
     def strategy(self) -> str:
-        """The lowering picked: ``'as einsum'`` (XLA's own lowering, as ``jnp.einsum`` runs it;
-        a Flax layer's under an interception tool), ``'x first'``, ``'w first'``,
+        """The lowering picked: ``'as einsum'`` (XLA's own lowering, one N-d
+        ``lax.dot_general`` of x and the weight as given; a Flax layer's under an interception
+        tool, as ``nn.Dense`` calls it), ``'jnp.einsum'`` (a Flax layer's under a tool that
+        patches ``jnp.einsum``, where einops' call is predicted faster), ``'x first'``, ``'w first'``,
         ``'broadcast batch'``, ``'loop'``, ``'block-diagonal'`` or ``'weight as stored'`` (a
         weight that is a tool's container)."""
         return self.lowering.strategy
@@ -85,6 +87,13 @@ class Description:
         extra = self.flops - self.dot_flops
         lhs, rhs, dims = self.contraction.arg
         names = ("x", "weight") if self.contraction.operand == "x" else ("weight", "x")
+        if self.contraction.op == "einsum":  # the jnp.einsum call, x first (its subscripts)
+            call = [f"    jnp.einsum({dims!r}, x {lhs}, weight {rhs})"]
+        else:
+            call = [
+                f"    lax.dot_general({names[0]} {lhs}, {names[1]} {rhs},",
+                f"                    dimension_numbers={dims})",
+            ]
         lines = [
             f"{self.layer!r}",
             f"  input {self.x_shape} -> output {self.out_shape}",
@@ -99,8 +108,7 @@ class Description:
                 if self.loop is not None
                 else []
             ),
-            f"    lax.dot_general({names[0]} {lhs}, {names[1]} {rhs},",
-            f"                    dimension_numbers={dims})",
+            *call,
             f"    -> {_dims(self.contraction.labels, self.contraction.shape)}",
             *(
                 [f"    (runs {self.executed_dot_flops:,} FLOPs: the zeros off the diagonal too)"]
@@ -242,7 +250,7 @@ def _describe(mix: EinMix, x_shape: Shape, low: Lowering) -> Description:
     if pack is not None:  # the layer's FLOPs; the dot also multiplies the zeros
         flops //= pack.arg
     sum_adds = 0
-    x_steps = [s for s in low.steps if s.operand == "x" and s.op != "dot_general"]
+    x_steps = [s for s in low.steps if s.operand == "x" and s.op not in CONTRACTIONS]
     summed = next((i for i, s in enumerate(x_steps) if s.op == "sum"), None)
     if summed is not None:  # the input with groups split, before the sum
         x_flat = x_steps[summed - 1].shape if summed else low.x_shape

@@ -64,7 +64,9 @@ The cost: predicted seconds. A candidate's forward and backward passes are count
 the gradients of x and of the weight); the elements each dot reads and writes, per matrix of a
 batched dot; the number of matrices; the elements a transpose, a weight broadcast (forward: the
 copy; backward: the sum of the per-slice weight gradients) or a packing moves, mirrored in the
-backward pass; the elements a loop copies in and out (and, backward, the weight gradient it
+backward pass; of those, the elements of x and of the result that a dot with x on the left
+moves with a stride (its contracted axes brought minor, and back: with the weight first, x's
+rows would move whole); the elements a loop copies in and out (and, backward, the weight gradient it
 accumulates per iteration); the loop's iterations; and, where the profile says so, the transposed
 weight gradient of a dot with one row and no batch dimension. Each count is exact; the seconds
 per unit come from the profile. Each candidate's cost is its predicted regret (:func:`regrets`),
@@ -84,10 +86,12 @@ with N-d dimension numbers, and only x and the result move (see :func:`_stored_w
 for any call whose weight is a tool's container. With ``x_as_given`` too it is the ``'as einsum'``
 form (:func:`_x_as_given_order`): a Flax layer runs it while a tool intercepts the contraction
 (qwix's quantization and LoRA need the stored param itself, and x with ``nn.Dense``'s axes).
-``jnp.einsum`` of the same operands (einops' layer) gives a tool the same, but may swap the
-dot's operands, which benchmarks/REGRET.md measures faster on some layers; it is not yet a
-candidate here. Every other call, the Flax layers' included, keeps every
-candidate.
+Under a tool that patches ``jnp.einsum`` too (``lower(..., einsum=True)``), the same operands
+may instead go to ``jnp.einsum`` (``'jnp.einsum'``, einops' call: it runs the dot with the weight
+first, up to 11x faster forward where x's contracted axes are not its minor ones), chosen like a
+departure (by more than the margin), once per layer: the x-only axes are costed as large
+(:func:`_tool_axes`), because a tool keys its rules and state by the op it sees. Every other
+call, the Flax layers' included, keeps every candidate.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ class Lowering:
     w_shape: Shape  #: the weight as stored
     steps: tuple[Step, ...]
     out_shape: Shape
-    #: 'x first', 'w first', 'broadcast batch', 'loop', 'block-diagonal' or 'weight as stored'
+    #: 'as einsum', 'jnp.einsum', 'x first', 'w first', 'broadcast batch', 'loop',
+    #: 'block-diagonal' or 'weight as stored'
     strategy: str
     #: x, w, out axis names, for describe(); not compared: lowerings that differ only in names
     #: compute the same thing (and share one compiled apply)

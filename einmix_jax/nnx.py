@@ -99,7 +99,9 @@ class EinMix(nnx.Module, metaclass=_Meta):
     """
 
     #: While a tool intercepts the contraction (qwix), it gets the stored weight as it is and x
-    #: with nn.Dense's axes; otherwise the planner's choice runs. describe() shows which.
+    #: with nn.Dense's axes, in nn.Dense's lax.dot_general or, where the planner predicts it
+    #: faster and the tool patches jnp.einsum, einops' jnp.einsum; otherwise the planner's
+    #: choice runs. describe() shows which.
     weight_as_stored: ClassVar[bool] = True
 
     def __init__(
