@@ -77,8 +77,16 @@ def samples(
 ) -> list[tuple[planning.Choice, Sample]]:
     """Every timed candidate of a record, costed with ``profile``, with its terms and times (s)."""
     plan, x_shape = _layer(record)
+    return _timed(record, planning.candidates(plan, x_shape, loops, profile=profile))
+
+
+def _timed(
+    record: dict[str, Any], choices: list[planning.Choice]
+) -> list[tuple[planning.Choice, Sample]]:
+    """The choices the record timed, each with its terms and its times (s)."""
+    plan, x_shape = _layer(record)
     out = []
-    for choice in planning.candidates(plan, x_shape, loops, profile=profile):
+    for choice in choices:
         row = _measured(record, choice)
         if row is not None:
             fwd, bwd = planning.terms(plan, x_shape, choice)
@@ -110,14 +118,7 @@ def tool_samples(
 ) -> list[tuple[planning.Choice, Sample]]:
     """The ``jnp.einsum`` form's terms and times (the ``lax.dot_general`` one is the functional
     ``as einsum`` candidate, already among :func:`samples`)."""
-    plan, x_shape = _layer(record)
-    out = []
-    for choice in tool_choices(record, profile)[1:]:
-        row = _measured(record, choice)
-        if row is not None:
-            fwd, bwd = planning.terms(plan, x_shape, choice)
-            out.append((choice, (fwd, bwd, row["fwd_ms"] / 1e3, row["fb_ms"] / 1e3)))
-    return out
+    return _timed(record, tool_choices(record, profile)[1:])
 
 
 def fit(data: list[Sample]) -> dict[str, float]:
@@ -278,8 +279,7 @@ def fit_by_decisions(
     scores = []
     for factor in FACTORS:
         value = float(f"{fitted * factor:.3g}")
-        seconds = tuple((t, value if t == term else s) for t, s in profile.seconds)
-        p = dataclasses.replace(profile, seconds=seconds)
+        p = with_seconds(profile, term, value)
         fn = np.array([r[1:3] for r in decisions(records, loops, p)])
         tool = np.array([r[1:3] for r in tool_decisions(records, p)])
         lines.append(
@@ -290,6 +290,12 @@ def fit_by_decisions(
         p90 = max(np.percentile(fn, 90, axis=0).max(), np.percentile(tool, 90, axis=0).max())
         scores.append((round(worst, 2), round(p90, 2), abs(factor - 1.0), value))
     return min(scores)[3], lines
+
+
+def with_seconds(profile: planning.Profile, term: str, value: float) -> planning.Profile:
+    """``profile`` with ``value`` seconds per unit of ``term``, the other seconds as they are."""
+    seconds = tuple((t, value if t == term else s) for t, s in profile.seconds)
+    return dataclasses.replace(profile, seconds=seconds)
 
 
 def replace(profile: planning.Profile, margin: float | None) -> planning.Profile:
@@ -365,13 +371,8 @@ def main(argv: list[str] | None = None) -> planning.Profile:
     print(f"{term!r} seconds, fitted by the decisions (the others as now): {strided:.3g}")
     print("\n".join(table) + "\n")
 
-    def with_strided(p: planning.Profile) -> planning.Profile:
-        return dataclasses.replace(
-            p, seconds=tuple((t, strided if t == term else s) for t, s in p.seconds)
-        )
-
-    fitted = with_strided(fitted)
-    margin, table = fit_margin(every, runs[0]["loops"], with_strided(current))
+    fitted = with_seconds(fitted, term, strided)
+    margin, table = fit_margin(every, runs[0]["loops"], with_seconds(current, term, strided))
     print(f"Depart margin (the current seconds, {term!r} as fitted), fitted: {margin}")
     print("\n".join(table) + "\n")
     fitted = replace(fitted, margin)

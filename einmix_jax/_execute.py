@@ -138,8 +138,9 @@ def execute(
     """Run a lowering's steps in order; returns the output.
 
     The contraction is ``options.dot_general``, else ``jax.lax.dot_general`` (or, for the
-    ``'jnp.einsum'`` form, ``jnp.einsum``): looked up at call time when ``traced`` (a module's call, so a tool that patches it sees the contraction), as
-    imported otherwise (the functional apply's own jit: no tool sees inside it). It is called as
+    ``'jnp.einsum'`` form, ``jnp.einsum``): looked up at call time when ``traced`` (a module's
+    call, so a tool that patches it sees the contraction), as imported otherwise (the functional
+    apply's own jit: no tool sees inside it). It is called as
     Flax's layers call it: ``dot_general(lhs, rhs, dimension_numbers, precision=...)``, with
     ``preferred_element_type=`` only when it is set.
 

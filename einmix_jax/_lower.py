@@ -66,8 +66,8 @@ batched dot; the number of matrices; the elements a transpose, a weight broadcas
 copy; backward: the sum of the per-slice weight gradients) or a packing moves, mirrored in the
 backward pass; of those, the elements of x and of the result that a dot with x on the left
 moves with a stride (its contracted axes brought minor, and back: with the weight first, x's
-rows would move whole); the elements a loop copies in and out (and, backward, the weight gradient it
-accumulates per iteration); the loop's iterations; and, where the profile says so, the transposed
+rows would move whole); the elements a loop copies in and out (and, backward, the weight
+gradient it accumulates per iteration); the loop's iterations; and, where the profile says so, the transposed
 weight gradient of a dot with one row and no batch dimension. Each count is exact; the seconds
 per unit come from the profile. Each candidate's cost is its predicted regret (:func:`regrets`),
 so that neither inference nor training pays for the other; :func:`choose` departs from XLA's
@@ -405,9 +405,9 @@ def _as_given_terms(
     XLA brings the forward dot's operands to its canonical GEMM layout, so its forward is that
     of the cheaper canonical form with the same operand order and no outer axes (x first for
     ``lax.dot_general(x, w)``; w first for ``jnp.einsum``, which puts the weight first). Its
-    backward dots are the transposes
-    of an N-d dot: unless the dot already is a canonical GEMM (x in ``(batch, rows,
-    contracted)`` order, at most one dimension of length > 1 per class), they contract or produce
+    backward dots are the transposes of an N-d dot: unless the dot already is a canonical GEMM
+    (x in ``(batch, rows, contracted)`` order, at most one dimension of length > 1 per class),
+    they contract or produce
     several dimensions at once, and XLA writes out x- and output-sized operands to canonicalize
     them (tests/test_lower.py counts them in the optimized HLO; benchmarks/REGRET.md times them:
     up to 1.9x the canonical form's forward+backward), which the canonical form's 2-d dots do not
@@ -508,8 +508,7 @@ def candidates(
     the weight as stored, at cost 1 (with ``x_as_given``, ``'as einsum'``: the form a Flax layer
     runs under an interception tool, ``nn.Dense``'s call; with ``einsum`` too, also
     ``'jnp.einsum'``, einops' call, both costed for a large input: see :func:`_tool_axes`).
-    ``loops`` and ``packs``
-    allow the loops and the block-diagonal packings; ``None``: as the profile says (by default
+    ``loops`` and ``packs`` allow the loops and the block-diagonal packings; ``None``: as the profile says (by default
     the one in use for this backend and device count).
 
     Example:
@@ -667,7 +666,8 @@ def lower(
     :func:`_stored_weight_order`), as a tool's container needs it; ``x_as_given`` also keeps x's
     axes as they are (:func:`_x_as_given_order`), as a Flax layer runs under an interception tool,
     and ``einsum`` lets it be ``jnp.einsum``'s call instead where that is predicted faster by more
-    than the profile's ``depart_margin`` (for a tool that patches ``jnp.einsum`` too). The same as ``build(plan, x_shape, choose(candidates(...)))``.
+    than the profile's ``depart_margin`` (for a tool that patches ``jnp.einsum`` too). The same
+    as ``build(plan, x_shape, choose(candidates(...)))``.
 
     Example:
         >>> from ._parse import parse

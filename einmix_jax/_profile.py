@@ -41,8 +41,8 @@ from ._errors import EinMixError
 #: broadcast (and its gradient's sum) or a block-diagonal packing; again for the transposes of x
 #: and of the result around a dot with x on the left that change their minor axis (strided
 #: elements: x's contracted axes brought minor, where with the weight first its rows would
-#: move whole); elements a loop copies in and
-#: out (and the weight gradient it accumulates); loop iterations; and the elements of x and the
+#: move whole); elements a loop copies in and out (and the weight gradient it accumulates);
+#: loop iterations; and the elements of x and the
 #: output, which every candidate reads and writes (so absolute times fit).
 TERMS = (
     "flop",
