@@ -187,18 +187,34 @@ def decisions(
     records: list[dict[str, Any]], loops: bool, profile: planning.Profile
 ) -> list[tuple[str, float, float, float, float]]:
     """Per record, the candidate ``profile`` chooses among the timed ones: its row name, its
-    regret forward and forward+backward, and its time over einops' layer's (both metrics)."""
+    regret forward and forward+backward, and its time over einops' layer's (both metrics).
+
+    Where the planner splits (``planning.split``), the forward metrics are the forward pick's
+    and the forward+backward ones training's pick's (the split runs the forward pick's faster
+    forward in their stead, predicted no slower), unless the record timed the split itself."""
     out = []
     for record in records:
-        timed = samples(record, loops, profile)
-        chosen = planning.choose([c for c, _ in timed])
-        name = "cand: " + chosen.label
-        if name not in record["rows"]:  # a packing: the hand-written block-diagonal row
-            name = f"block-diagonal k={chosen.candidate.pack[1]}"
-        regrets = [_regret(record, name, m) for m in ("fwd", "fb")]
-        einops = [_ratio(record, name, "einops layer", m) for m in ("fwd", "fb")]
+        plan, x_shape = _layer(record)
+        choices = [c for c, _ in samples(record, loops, profile)]
+        chosen = planning.choose(choices)
+        low = planning.build(plan, x_shape, chosen)
+        split = planning.split(plan, x_shape, choices, chosen, low).backward is not None
+        forward = planning.choose_forward(choices) if split else chosen
+        name, fwd_name = _row(record, chosen), _row(record, forward)
+        timed_split = f"cand: {forward.label} + backward of {chosen.label}"
+        if split and timed_split in record["rows"]:  # regret.py timed the split itself
+            name = fwd_name = timed_split
+        regrets = [_regret(record, fwd_name, "fwd"), _regret(record, name, "fb")]
+        einops = [_ratio(record, fwd_name, "einops layer", "fwd")]
+        einops.append(_ratio(record, name, "einops layer", "fb"))
         out.append((name, *regrets, *einops))
     return out
+
+
+def _row(record: dict[str, Any], choice: planning.Choice) -> str:
+    """The record's row of a candidate (a packing: the hand-written block-diagonal row)."""
+    name = "cand: " + choice.label
+    return name if name in record["rows"] else f"block-diagonal k={choice.candidate.pack[1]}"
 
 
 def tool_decisions(

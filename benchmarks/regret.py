@@ -460,6 +460,14 @@ def implementations(
             return planning.apply_lowering(low, p, x, mix)
 
         impls.append(Impl(name, cand, params, lambda g: g))
+    planned = planning.lower(plan, shape, loops)  # what apply runs
+    if planned.backward is not None:  # the forward pass's own pick, and training's derivative
+        chosen = f"cand: {planning.choose_forward(choices).label} + backward of {chosen[6:]}"
+
+        def split(p: Params, x: jax.Array) -> jax.Array:
+            return planning.apply_lowering(planned, p, x, mix)
+
+        impls.append(Impl(chosen, split, params, lambda g: g))
     # under a tool: nn.Dense's lax.dot_general and einops' jnp.einsum, and the one chosen
     tool = dict(stored_weight=True, x_as_given=True, einsum=True)
     for choice in planning.candidates(plan, shape, **tool):
@@ -791,7 +799,7 @@ def report(records: list[dict[str, Any]], dist: dict[str, dict[str, float]]) -> 
     ]
     for i, r in enumerate(records):
         lines.append(
-            f"| {i} | {r['kind']} | `{r['pattern']}` | {tuple(r['x_shape'])} | {r['mflop']:.0f} | "
+            f"| {r.get('index', i)} | {r['kind']} | `{r['pattern']}` | {tuple(r['x_shape'])} | {r['mflop']:.0f} | "
             f"{r['chosen'][6:]} | {r['regret fwd']:.2f} ({_short(r['best fwd'])}) | "
             f"{r['regret fwd+bwd']:.2f} ({_short(r['best fwd+bwd'])}) | "
             f"{r['split regret fwd']:.2f} / {r['split regret fwd+bwd']:.2f} | "
@@ -810,7 +818,7 @@ def report(records: list[dict[str, Any]], dist: dict[str, dict[str, float]]) -> 
         r = records[i]
         lines += [
             "",
-            f"**#{i}** {r['kind']} `{r['pattern']}`, weight `{r['weight_shape']}`, x "
+            f"**#{r.get('index', i)}** {r['kind']} `{r['pattern']}`, weight `{r['weight_shape']}`, x "
             f"{tuple(r['x_shape'])}: regret {r['regret fwd']:.2f} fwd (best {_short(r['best fwd'])}),"
             f" {r['regret fwd+bwd']:.2f} fwd+bwd (best {_short(r['best fwd+bwd'])})",
             "",
@@ -844,6 +852,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="threads compiling the implementations (default: half the cores)",
     )
     parser.add_argument("--kinds", nargs="+", default=None, help="draw only these kinds")
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        type=int,
+        default=None,
+        help="measure only these layers of the corpus (its indices): re-time a miss with more rounds",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--loops", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--no-write", action="store_true", help="do not write the report")
@@ -858,14 +873,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loops = {"auto": planning.profile().loops, "on": True, "off": False}[args.loops]
     kinds = None if args.kinds is None else tuple(args.kinds)
     layers = tiny_corpus(args.seed, n, kinds) if args.tiny else corpus(args.seed, n, kinds=kinds)
+    numbered = list(enumerate(layers))
+    if args.layers is not None:
+        numbered = [(i, layers[i]) for i in args.layers]
 
     print(machine(), flush=True)
     print(candidate_sets(), flush=True)
     start = time.perf_counter()
     records = []
-    for i, layer in enumerate(layers):
+    for done, (i, layer) in enumerate(numbered):
         if args.budget is not None and time.perf_counter() - start > args.budget:
-            print(f"budget spent: {i} of {n} layers measured", flush=True)
+            print(f"budget spent: {done} of {len(numbered)} layers measured", flush=True)
             break
         t0 = time.perf_counter()
         rec = run_layer(layer, dtype, loops, rounds, compile_rounds, min_time, args.seed, args.jobs)
@@ -876,6 +894,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **layer.axes,
         )
         rec["describe"] = str(em.describe(mix, layer.x_shape))
+        rec["index"] = i  # the layer's place in the corpus
         records.append(rec)
         print(
             f"[{i}] {layer.kind:16} {layer.pattern:32} x={layer.x_shape} {layer.flops / 1e6:.0f} "

@@ -36,7 +36,8 @@ class Description:
     Attributes:
         layer: the functional layer described.
         x_shape: the input shape.
-        lowering: the shape-only plan that ``apply`` executes.
+        lowering: the shape-only plan that ``apply`` executes (its ``backward``: the lowering
+            whose derivative the backward pass runs, where training's pick differs).
         before: steps on ``x`` and on the weight before the contraction (a ``'copy'`` step: the
             weight is written out, transposed, before the dot).
         contraction: the one ``lax.dot_general`` (its ``arg`` is ``(lhs_shape, rhs_shape,
@@ -125,6 +126,10 @@ class Description:
             if moved
             else "  no transpose or broadcast: only free reshapes around one dot_general"
         )
+        backward = self.lowering.backward
+        if backward is not None:  # the forward pass is inference's pick, this one training's
+            lines.append(f"  derivatives (grad, jvp): those of the {backward.strategy!r} lowering:")
+            lines += [f"    {s}" for s in backward.steps]
         return "\n".join(lines)
 
     def __repr__(self) -> str:  # the summary, also in a REPL

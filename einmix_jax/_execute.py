@@ -8,6 +8,7 @@ trace -- ``jax.lax.dot_general`` looked up at call time, so that a tool patching
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import types
@@ -152,6 +153,10 @@ def execute(
         (4, 3)
     """
     hook = options.dot_general
+    if low.backward is not None:
+        if hook is None and not (traced and tool_active()):
+            return _split(low, x, weight, options, bias, traced)
+        low = low.backward  # one contraction for a hook or a tool to see: training's pick
     dot_general = hook or (jax.lax.dot_general if traced else _LAX_DOT_GENERAL)
     kwargs: dict[str, Any] = {"precision": options.precision}
     if options.preferred_element_type is not None:
@@ -181,6 +186,55 @@ def execute(
         else:
             values[step.operand] = _shape_step(step, values[step.operand])
     return values["y"]
+
+
+def _split(
+    low: Lowering,
+    x: jax.Array,
+    weight: jax.Array,
+    options: Contraction,
+    bias: jax.Array | None,
+    traced: bool,
+) -> jax.Array:
+    """``low`` forward, and in every derivative (``jvp``, and so ``grad``) the derivative of
+    ``low.backward``: the layer is bilinear, so the two compute the same function, and XLA drops
+    the backward lowering's own forward dot, which nothing reads.
+
+    Example:
+        >>> import einmix_jax as em
+        >>> layer = em.layer('b c -> b d', c=2, d=3)
+        >>> one = em.planning.lower(layer.plan, (4, 2))
+        >>> low = dataclasses.replace(one, backward=one)
+        >>> w, x = jnp.ones((2, 3)), jnp.ones((4, 2))
+        >>> jax.grad(lambda w: _split(low, x, w, layer.options, None, False).sum())(w).shape
+        (2, 3)
+    """
+    forward, backward = dataclasses.replace(low, backward=None), low.backward
+    assert backward is not None
+    operands = (x, weight) if bias is None else (x, weight, bias)
+
+    def run(lowering: Lowering, x: jax.Array, w: jax.Array, *b: jax.Array) -> jax.Array:
+        return execute(lowering, x, w, options, b[0] if b else None, traced)
+
+    @jax.custom_jvp
+    def f(*operands: jax.Array) -> jax.Array:
+        return run(forward, *operands)
+
+    @functools.partial(f.defjvp, symbolic_zeros=True)
+    def f_jvp(primals: tuple, tangents: tuple) -> tuple:
+        live = [not isinstance(t, jax.custom_derivatives.SymbolicZero) for t in tangents]
+
+        def of_live(*args: jax.Array) -> jax.Array:  # the zero tangents' operands held fixed
+            it = iter(args)
+            return run(
+                backward, *(next(it) if z else p for p, z in zip(primals, live, strict=True))
+            )
+
+        args = [p for p, z in zip(primals, live, strict=True) if z]
+        _, dy = jax.jvp(of_live, args, [t for t, z in zip(tangents, live, strict=True) if z])
+        return f(*primals), dy
+
+    return f(*operands)
 
 
 def _shape_step(step: Step, a: jax.Array) -> jax.Array:

@@ -74,6 +74,14 @@ so that neither inference nor training pays for the other; :func:`choose` depart
 lowering for the lowest of them only by the margin. Ties go to the first (XLA's N-d form, then no
 outer axes, x first, no operand used as ``(D, N, K)``).
 
+Two picks. :func:`choose` is training's pick (the regret of both passes); :func:`choose_forward`
+is the forward pass's own, by its predicted forward seconds alone. Where the forward pick is
+clearly faster (by the margin, and by more than the moves of x and the weight that training's
+pick still needs in its backward pass), :func:`lower` returns the forward pick's lowering with
+training's as its ``backward`` (:func:`split`): the forward pass runs the one and every
+derivative the other's (a ``custom_jvp``: the layer is affine, so the two are the same function).
+Inference then does not pay for training's layout, nor training for inference's.
+
 Typical results: a plain linear layer is one 2-d GEMM between free reshapes; multi-head
 ``'b t (h c) -> b t (h d)'`` moves rows of ``c`` to ``(h, b t, c)`` and back; token mixing
 ``'b t c -> b u c'`` keeps ``b`` outer and runs ``(u, t) @ (t, c)`` per ``b``, with no transpose of
@@ -106,7 +114,18 @@ from ._lowering import DimensionNumbers, Lowering, Parts, Perm, assemble, label
 from ._parse import Plan, expand_groups, resolve_sizes
 from ._profile import TERMS, Profile, profile
 
-__all__ = ["TERMS", "Choice", "Lowering", "build", "candidates", "choose", "lower", "terms"]
+__all__ = [
+    "TERMS",
+    "Choice",
+    "Lowering",
+    "build",
+    "candidates",
+    "choose",
+    "choose_forward",
+    "lower",
+    "split",
+    "terms",
+]
 
 #: The length a symbolic dimension (``jax.export.symbolic_shape``) counts as when costs are
 #: compared: large, so the decision for a symbolic batch is the one for a big batch, and the same
@@ -351,6 +370,9 @@ def _terms(
     )
     transposes = sum(moved(*m) for m in moves)
 
+    def large(size: int) -> int:
+        return size if size > p.large_array else 0
+
     def strided(src: list[str], dst: list[str], size: int) -> int:
         """A transpose that changes the minor (last long) axis: elements read or written with a
         stride, not in contiguous rows."""
@@ -372,12 +394,15 @@ def _terms(
     loop_io = x_size + y_size if c.loop else 0
     io = cs(ax.x_axes) + y_size
     elements = steps * d * (m * k + k * n + m * n)
+    flop = 2 * steps * d * m * k * n
     fwd = {
-        "flop": 2 * steps * d * m * k * n,
+        "flop": flop,
+        "batched flop": flop if d > 1 else 0,
         "dot element": elements,
         "narrow dot element": elements * max(0.0, p.narrow / max(1, min(k, n)) - 1),
         "dot": steps * d,
         "moved element": transposes + bcast + pack,
+        "large moved element": sum(large(moved(*m)) for m in moves) + large(bcast) + large(pack),
         "strided element": strides,
         "loop element": loop_io,
         "loop step": steps if c.loop else 0,
@@ -385,10 +410,12 @@ def _terms(
     }
     bwd = {  # the two dots of the gradients, the same moves mirrored
         "flop": 2 * fwd["flop"],
+        "batched flop": 2 * fwd["batched flop"],
         "dot element": 2 * fwd["dot element"],
         "narrow dot element": 2 * fwd["narrow dot element"],
         "dot": 2 * fwd["dot"],
         "moved element": fwd["moved element"] + outer_product,
+        "large moved element": fwd["large moved element"] + large(outer_product),
         "strided element": strides,
         "loop element": loop_io + (steps * d * k * n if c.loop else 0),  # + the dw accumulation
         "loop step": fwd["loop step"],
@@ -425,8 +452,13 @@ def _as_given_terms(
     canonical = long(ax.x_kept) == long(ax.batch) + long(ax.x_free) + long(ax.contracted)
     gemm = min(ax.cost_size(ax.contracted), ax.cost_size(ax.w_free)) > 1
     if gemm and (not canonical or any(len(long(c)) > 1 for c in classes)):
-        extra = ax.cost_size(ax.x_kept) + ax.cost_size(ax.out_axes)
-        bwd = {**bwd, "moved element": bwd["moved element"] + extra}
+        written = (ax.cost_size(ax.x_kept), ax.cost_size(ax.out_axes))
+        large = sum(n for n in written if n > p.large_array)
+        bwd = {
+            **bwd,
+            "moved element": bwd["moved element"] + sum(written),
+            "large moved element": bwd["large moved element"] + large,
+        }
     return fwd, bwd
 
 
@@ -593,7 +625,7 @@ def _full_rate_seconds(ax: _Axes, c: _Candidate, p: Profile) -> float:
     """The predicted forward seconds of ``c`` were its GEMMs as fast per element as wide ones:
     what a block-diagonal packing, which only removes the narrowness, may cost at most."""
     fwd, _ = _terms(ax, c, p)
-    return p.seconds_of({**fwd, "narrow dot element": 0.0})
+    return p.seconds_of({**fwd, "narrow dot element": 0.0, "batched flop": 0.0})
 
 
 def _profile_of(p: Profile | None) -> Profile:
@@ -639,6 +671,72 @@ def choose(choices: list[Choice]) -> Choice:
     return given if margin is None or given.cost <= best.cost * (1 + margin) else best
 
 
+def choose_forward(choices: list[Choice]) -> Choice:
+    """The forward pass's own pick, for inference: XLA's own lowering unless a candidate's
+    predicted forward seconds are lower by more than the profile's ``depart_margin`` (a loop's
+    count ``1 + loop_margin`` times, as in :func:`regrets`).
+
+    Example:
+        >>> from ._parse import parse
+        >>> plan = parse('b t c -> b u c', 't u', None, (('t', 196), ('u', 256)))
+        >>> choices = candidates(plan, (64, 196, 512), profile=em.planning.EXAMPLE_PROFILE)
+        >>> choose_forward(choices).label
+        'w first, batch (b), broadcast over b'
+    """
+    p = _profile_of(choices[0].profile)
+
+    def seconds(c: Choice) -> float:
+        return c.fwd * (1 + p.loop_margin if c.candidate.loop else 1)
+
+    best = min(choices, key=seconds)
+    xla = [c for c in choices if _xla_form(c.candidate)]
+    if not xla:
+        return best
+    given = min(xla, key=seconds)
+    margin = p.depart_margin
+    return given if margin is None or seconds(given) <= seconds(best) * (1 + margin) else best
+
+
+def split(
+    plan: Plan, x_shape: tuple[int, ...], choices: list[Choice], chosen: Choice, low: Lowering
+) -> Lowering:
+    """``low`` (of ``chosen``, the pick for training), or, where the forward pass has a clearly
+    faster pick of its own, that one's lowering with ``backward=low``: the forward pass runs it
+    and the backward pass differentiates ``low`` (``_execute`` says so with a ``custom_jvp``), so
+    that neither inference nor training pays for the other.
+
+    Split only where the forward pick is predicted faster than ``chosen``'s forward by more than
+    the depart margin, and by more than the moves of x and the weight that ``low`` makes before
+    its dot (its backward pass needs them still); never on a backend nobody has measured or for
+    a symbolic input shape (the moves are counted on concrete lengths).
+
+    Example:
+        >>> from ._parse import parse
+        >>> plan = parse('b t c -> b t d', 'c d', None, (('c', 64), ('d', 64)))
+        >>> choices = candidates(plan, (8, 16, 64), profile=em.planning.EXAMPLE_PROFILE)
+        >>> chosen = choose(choices)
+        >>> low = build(plan, (8, 16, 64), chosen)
+        >>> split(plan, (8, 16, 64), choices, chosen, low) is low  # one pick for both passes
+        True
+    """
+    p = _profile_of(chosen.profile)
+    margin = p.depart_margin
+    if margin is None or not all(isinstance(n, int) for n in x_shape):
+        return low
+    fwd = choose_forward(choices)
+    if fwd is chosen or fwd.fwd * (1 + margin) >= chosen.fwd:
+        return low
+    end = low.steps.index(low.dot)
+    moves = ("transpose", "broadcast", "pack")
+    moved = [math.prod(s.shape) for s in low.steps[:end] if s.op in moves]
+    large = sum(n for n in moved if n > p.large_array)
+    if fwd.fwd + p.seconds_of({"moved element": sum(moved), "large moved element": large}) >= (
+        chosen.fwd
+    ):
+        return low
+    return dataclasses.replace(build(plan, x_shape, fwd), backward=low)
+
+
 def _xla_form(c: _Candidate) -> bool:
     """Whether ``c`` is XLA's own lowering: x and the weight as given in one N-d dot, or the
     canonical GEMM form XLA makes of it (x first, no outer axes: the same forward dot, with
@@ -667,7 +765,8 @@ def lower(
     axes as they are (:func:`_x_as_given_order`), as a Flax layer runs under an interception tool,
     and ``einsum`` lets it be ``jnp.einsum``'s call instead where that is predicted faster by more
     than the profile's ``depart_margin`` (for a tool that patches ``jnp.einsum`` too). The same
-    as ``build(plan, x_shape, choose(candidates(...)))``.
+    as ``build(plan, x_shape, choose(candidates(...)))``, with the forward pass's own pick in
+    front where :func:`split` splits.
 
     Example:
         >>> from ._parse import parse
@@ -694,7 +793,9 @@ def _lower(
     p: Profile,
 ) -> Lowering:
     choices = candidates(plan, x_shape, loops, stored_weight, packs, x_as_given, einsum, profile=p)
-    return build(plan, x_shape, choose(choices))
+    chosen = choose(choices)
+    low = build(plan, x_shape, chosen)
+    return low if stored_weight else split(plan, x_shape, choices, chosen, low)
 
 
 def build(plan: Plan, x_shape: tuple[int, ...], choice: Choice) -> Lowering:

@@ -109,6 +109,9 @@ class Lowering:
     flat_axes: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = dataclasses.field(
         compare=False
     )
+    #: the lowering whose derivative the backward pass runs, where the forward pass's fastest
+    #: lowering and training's differ (``_lower.split``); None: this one's own derivative
+    backward: Lowering | None = None
 
     def _find(self, operand: str, op: str) -> Step | None:
         return next((s for s in self.steps if s.operand == operand and s.op == op), None)

@@ -35,10 +35,12 @@ import jax
 from ._errors import EinMixError
 
 #: The cost model's terms, each counted in the forward and in the backward pass (see
-#: ``_lower._terms``): dot FLOPs; elements a dot reads and writes (its operands and result, per
+#: ``_lower._terms``): dot FLOPs; again for a batched dot (a batch dimension longer than 1: on
+#: XLA:CPU it runs one GEMM per matrix, at about two thirds of one GEMM's rate); elements a dot reads and writes (its operands and result, per
 #: matrix: what makes a batch of small GEMMs or a matrix-vector product memory-bound), again for
 #: narrow GEMMs; dots (per matrix of a batched dot); elements moved by a transpose, a weight
-#: broadcast (and its gradient's sum) or a block-diagonal packing; again for the transposes of x
+#: broadcast (and its gradient's sum) or a block-diagonal packing; again for those of arrays
+#: larger than the profile's ``large_array`` (beyond the caches); again for the transposes of x
 #: and of the result around a dot with x on the left that change their minor axis (strided
 #: elements: x's contracted axes brought minor, where with the weight first its rows would
 #: move whole); elements a loop copies in and out (and the weight gradient it accumulates);
@@ -46,10 +48,12 @@ from ._errors import EinMixError
 #: output, which every candidate reads and writes (so absolute times fit).
 TERMS = (
     "flop",
+    "batched flop",
     "dot element",
     "narrow dot element",
     "dot",
     "moved element",
+    "large moved element",
     "strided element",
     "loop element",
     "loop step",
@@ -79,6 +83,9 @@ class Profile:
     #: grouped layers whose per-group GEMM is narrower than this (contracted or weight-only
     #: elements) are also tried packed into one block-diagonal weight
     pack_below: int = 32
+    #: an array moved (transposed, broadcast, packed) with more elements than this moves at
+    #: memory speed, not the caches': its elements count again (``large moved element``)
+    large_array: int = 1 << 23
     #: a GEMM narrower than this runs below the machine's rate: its elements count again, times
     #: how much narrower it is
     narrow: int = 16
@@ -177,10 +184,12 @@ XLA_CPU = Profile(
     platform="cpu",
     seconds=(
         ("flop", 3.46e-12),
+        ("batched flop", 0.0),
         ("dot element", 1.79e-10),
         ("narrow dot element", 1.67e-10),
         ("dot", 0.0),
         ("moved element", 5.88e-10),
+        ("large moved element", 0.0),
         ("strided element", 2.33e-10),
         ("loop element", 6.2e-10),
         ("loop step", 8.92e-06),

@@ -2,8 +2,10 @@
 
 For a layer's plan and an input shape, :func:`candidates` lists every lowering the planner
 considers, each with its predicted forward and forward+backward seconds and its regret;
-:func:`choose` picks one, :func:`build` turns a choice into a :class:`Lowering` (a list of
-:class:`Step`), and :func:`apply_lowering` runs a layer with it. :func:`lower` is all of it at
+:func:`choose` picks one (for training; :func:`choose_forward`: the forward pass's own pick, which
+:func:`split` makes the forward of the lowering where it is clearly faster), :func:`build` turns a
+choice into a :class:`Lowering` (a list of :class:`Step`), and :func:`apply_lowering` runs a layer
+with it. :func:`lower` is all of it at
 once, as ``apply`` does. What a backend costs comes from a :class:`Profile`: :func:`profile` is
 the one in use, :func:`load_profile` puts one written by ``benchmarks/calibrate.py`` in use.
 
@@ -22,7 +24,18 @@ Example:
 from __future__ import annotations
 
 from ._apply import apply_lowering
-from ._lower import SYMBOLIC_LENGTH, Choice, build, candidates, choose, lower, regrets, terms
+from ._lower import (
+    SYMBOLIC_LENGTH,
+    Choice,
+    build,
+    candidates,
+    choose,
+    choose_forward,
+    lower,
+    regrets,
+    split,
+    terms,
+)
 from ._lowering import Lowering, Step
 from ._profile import (
     EXAMPLE_PROFILE,
@@ -49,10 +62,12 @@ __all__ = [
     "build",
     "candidates",
     "choose",
+    "choose_forward",
     "load_profile",
     "lower",
     "profile",
     "regrets",
+    "split",
     "terms",
     "use_profile",
 ]
