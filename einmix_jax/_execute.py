@@ -197,7 +197,7 @@ def _split(
     traced: bool,
 ) -> jax.Array:
     """``low`` forward, and in every derivative (``jvp``, and so ``grad``) the derivative of
-    ``low.backward``: the layer is bilinear, so the two compute the same function, and XLA drops
+    ``low.backward``: the layer is affine, so the two compute the same function, and XLA drops
     the backward lowering's own forward dot, which nothing reads.
 
     Example:

@@ -109,6 +109,7 @@ import functools
 import itertools
 import math
 import string
+from collections.abc import Callable
 
 from ._lowering import DimensionNumbers, Lowering, Parts, Perm, assemble, label
 from ._parse import Plan, expand_groups, resolve_sizes
@@ -662,13 +663,19 @@ def choose(choices: list[Choice]) -> Choice:
         ... # same dot with (b t) merged: XLA's backward of the N-d dot writes out x and y
         'x first'
     """
-    best = min(choices, key=lambda c: c.cost)
+    return _depart(choices, lambda c: c.cost)
+
+
+def _depart(choices: list[Choice], cost: Callable[[Choice], float]) -> Choice:
+    """The cheapest of XLA's own lowerings by ``cost``, unless the cheapest of all is cheaper by
+    more than the profile's ``depart_margin``."""
+    best = min(choices, key=cost)
     xla = [c for c in choices if _xla_form(c.candidate)]
     if not xla:  # a stored-weight form: the one there is
         return best
-    given = min(xla, key=lambda c: c.cost)
+    given = min(xla, key=cost)
     margin = _profile_of(best.profile).depart_margin
-    return given if margin is None or given.cost <= best.cost * (1 + margin) else best
+    return given if margin is None or cost(given) <= cost(best) * (1 + margin) else best
 
 
 def choose_forward(choices: list[Choice]) -> Choice:
@@ -683,18 +690,8 @@ def choose_forward(choices: list[Choice]) -> Choice:
         >>> choose_forward(choices).label
         'w first, batch (b), broadcast over b'
     """
-    p = _profile_of(choices[0].profile)
-
-    def seconds(c: Choice) -> float:
-        return c.fwd * (1 + p.loop_margin if c.candidate.loop else 1)
-
-    best = min(choices, key=seconds)
-    xla = [c for c in choices if _xla_form(c.candidate)]
-    if not xla:
-        return best
-    given = min(xla, key=seconds)
-    margin = p.depart_margin
-    return given if margin is None or seconds(given) <= seconds(best) * (1 + margin) else best
+    loop_margin = _profile_of(choices[0].profile).loop_margin
+    return _depart(choices, lambda c: c.fwd * (1 + loop_margin if c.candidate.loop else 1))
 
 
 def split(
