@@ -1,12 +1,14 @@
 """The public door: what ``import einmix_jax`` brings in, and what it exports; the extras."""
 
 import ast
+import functools
 import importlib.metadata
 import site
 import subprocess
 import sys
 import venv
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -147,9 +149,14 @@ def _module_level(tree: ast.Module) -> list[ast.AST]:
 
 
 def _distributions(module: str) -> set[str]:
-    return {
-        canonicalize_name(d) for d in importlib.metadata.packages_distributions().get(module, [])
-    }
+    return {canonicalize_name(d) for d in _packages_distributions().get(module, [])}
+
+
+@functools.cache
+def _packages_distributions() -> Mapping[str, list[str]]:
+    """``importlib.metadata.packages_distributions()``, read once: it scans every installed
+    distribution's files (seconds), and the tests ask it of each import of the package."""
+    return importlib.metadata.packages_distributions()
 
 
 def test_docs_extra_alone_installs_what_the_docs_build_needs():
