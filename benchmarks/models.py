@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/models.py                    # 9 rounds, prints the tables
-    python benchmarks/models.py --rounds 5 --out models.md
+    python benchmarks/models.py --rounds 7 --out benchmarks/RESULTS.md   # its section only
     python benchmarks/models.py --quick            # 2 rounds, batch 2, 1 block: a smoke test
 
 The models:
@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import optax
 from einops.layers.flax import EinMix as EinopsEinMix
 from flax import nnx
+from harness import write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's einmix_jax
 import einmix_jax
@@ -591,7 +592,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="2 rounds, batch 2, 1 block: a smoke test"
     )
-    parser.add_argument("--out", type=Path, default=None, help="also write the section here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="also write the section into this file (between its markers)",
+    )
     return parser.parse_args(argv)
 
 
@@ -603,8 +609,8 @@ def main(argv: list[str] | None = None) -> str:
     command = "--quick" if args.quick else f"--rounds {rounds}"
     section = run(rounds, shapes, min_time, command)
     print(section)
-    if args.out is not None:
-        args.out.write_text(section)
+    if args.out is not None:  # the section between its markers; the rest of the file is kept
+        write_results(args.out, section, tag="models")
     return section
 
 
