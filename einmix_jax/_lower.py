@@ -371,9 +371,6 @@ def _terms(
     )
     transposes = sum(moved(*m) for m in moves)
 
-    def large(size: int) -> int:
-        return size if size > p.large_array else 0
-
     def strided(src: list[str], dst: list[str], size: int) -> int:
         """A transpose that changes the minor (last long) axis: elements read or written with a
         stride, not in contiguous rows."""
@@ -403,7 +400,7 @@ def _terms(
         "narrow dot element": elements * max(0.0, p.narrow / max(1, min(k, n)) - 1),
         "dot": steps * d,
         "moved element": transposes + bcast + pack,
-        "large moved element": sum(large(moved(*m)) for m in moves) + large(bcast) + large(pack),
+        "large moved element": _large(p, *(moved(*m) for m in moves), bcast, pack),
         "strided element": strides,
         "loop element": loop_io,
         "loop step": steps if c.loop else 0,
@@ -416,7 +413,7 @@ def _terms(
         "narrow dot element": 2 * fwd["narrow dot element"],
         "dot": 2 * fwd["dot"],
         "moved element": fwd["moved element"] + outer_product,
-        "large moved element": fwd["large moved element"] + large(outer_product),
+        "large moved element": fwd["large moved element"] + _large(p, outer_product),
         "strided element": strides,
         "loop element": loop_io + (steps * d * k * n if c.loop else 0),  # + the dw accumulation
         "loop step": fwd["loop step"],
@@ -454,11 +451,10 @@ def _as_given_terms(
     gemm = min(ax.cost_size(ax.contracted), ax.cost_size(ax.w_free)) > 1
     if gemm and (not canonical or any(len(long(c)) > 1 for c in classes)):
         written = (ax.cost_size(ax.x_kept), ax.cost_size(ax.out_axes))
-        large = sum(n for n in written if n > p.large_array)
         bwd = {
             **bwd,
             "moved element": bwd["moved element"] + sum(written),
-            "large moved element": bwd["large moved element"] + large,
+            "large moved element": bwd["large moved element"] + _large(p, *written),
         }
     return fwd, bwd
 
@@ -622,6 +618,17 @@ def _tool_axes(ax: _Axes) -> _Axes:
     return dataclasses.replace(ax, sizes={**ax.sizes, **long}, cost_sizes={**ax.cost_sizes, **long})
 
 
+def _large(p: Profile, *sizes: int) -> int:
+    """The elements of the arrays among ``sizes`` larger than ``p.large_array`` (beyond the
+    caches: the ``large moved element`` term).
+
+    Example:
+        >>> _large(em.planning.XLA_CPU, 1 << 24, 10)
+        16777216
+    """
+    return sum(n for n in sizes if n > p.large_array)
+
+
 def _full_rate_seconds(ax: _Axes, c: _Candidate, p: Profile) -> float:
     """The predicted forward seconds of ``c`` were its GEMMs as fast per element as wide ones:
     what a block-diagonal packing, which only removes the narrowness, may cost at most."""
@@ -726,10 +733,8 @@ def split(
     end = low.steps.index(low.dot)
     moves = ("transpose", "broadcast", "pack")
     moved = [math.prod(s.shape) for s in low.steps[:end] if s.op in moves]
-    large = sum(n for n in moved if n > p.large_array)
-    if fwd.fwd + p.seconds_of({"moved element": sum(moved), "large moved element": large}) >= (
-        chosen.fwd
-    ):
+    cost = {"moved element": sum(moved), "large moved element": _large(p, *moved)}
+    if fwd.fwd + p.seconds_of(cost) >= chosen.fwd:
         return low
     return dataclasses.replace(build(plan, x_shape, fwd), backward=low)
 

@@ -36,7 +36,8 @@ from ._errors import EinMixError
 
 #: The cost model's terms, each counted in the forward and in the backward pass (see
 #: ``_lower._terms``): dot FLOPs; again for a batched dot (a batch dimension longer than 1: on
-#: XLA:CPU it runs one GEMM per matrix, at about two thirds of one GEMM's rate); elements a dot reads and writes (its operands and result, per
+#: XLA:CPU it runs one GEMM per matrix, at about two thirds of one GEMM's rate, measured on an
+#: Intel Xeon VM); elements a dot reads and writes (its operands and result, per
 #: matrix: what makes a batch of small GEMMs or a matrix-vector product memory-bound), again for
 #: narrow GEMMs; dots (per matrix of a batched dot); elements moved by a transpose, a weight
 #: broadcast (and its gradient's sum) or a block-diagonal packing; again for those of arrays

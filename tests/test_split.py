@@ -118,3 +118,51 @@ def test_describe_shows_the_derivatives_lowering(monkeypatch):
     text = str(described)
     assert f"derivatives (grad, jvp): those of the {low.backward.strategy!r} lowering:" in text
     assert all(f"    {step}" in text for step in low.backward.steps)
+
+
+def test_the_planner_splits_only_where_the_forward_pick_is_clearly_faster():
+    layer = em.layer("b t c -> b u c", "t u", "u", t=16, u=8)
+    shape = (4, 16, 32)
+    choices = planning.candidates(layer.plan, shape, profile=planning.EXAMPLE_PROFILE)
+    forward = planning.choose_forward(choices)
+    slow = max(choices, key=lambda c: c.fwd)  # training's pick, were it this one
+    assert slow.fwd > 2 * forward.fwd
+    low = planning.build(layer.plan, shape, slow)
+    split = planning.split(layer.plan, shape, choices, slow, low)
+    assert split == dataclasses.replace(planning.build(layer.plan, shape, forward), backward=low)
+    # one pick for both passes: nothing to split
+    own = planning.build(layer.plan, shape, forward)
+    assert planning.split(layer.plan, shape, choices, forward, own) is own
+    # a backend nobody has measured keeps one lowering, as it keeps XLA's own
+    unmeasured = planning.candidates(layer.plan, shape, profile=planning.UNMEASURED)
+    slow = max(unmeasured, key=lambda c: c.fwd)
+    low = planning.build(layer.plan, shape, slow)
+    assert planning.split(layer.plan, shape, unmeasured, slow, low) is low
+    # a symbolic batch: the moves are not counted on concrete lengths, so no split
+    (b,) = jax.export.symbolic_shape("b")
+    symbolic = planning.candidates(layer.plan, (b, 16, 32), profile=planning.EXAMPLE_PROFILE)
+    slow = max(symbolic, key=lambda c: c.fwd)
+    low = planning.build(layer.plan, (b, 16, 32), slow)
+    assert planning.split(layer.plan, (b, 16, 32), symbolic, slow, low) is low
+
+
+def test_a_dot_general_hook_sees_one_contraction_training_s(monkeypatch):
+    from einmix_jax import _apply
+
+    case = CASES["token mixing"]
+    seen = []
+
+    def hook(lhs, rhs, *args, **kwargs):
+        seen.append((lhs.shape, rhs.shape))
+        return jax.lax.dot_general(lhs, rhs, *args, **kwargs)
+
+    params, _ = case.init(jax.random.key(0))
+    layer = em.layer(
+        case.pattern, case.weight_shape, case.bias_shape, dot_general=hook, **case.axes
+    )
+    low = _split_lowering(layer.plan, case.x_shape)
+    monkeypatch.setattr(_apply, "lower", lambda *args, **kwargs: low)
+    _apply._COMPILED.clear()
+    x = normal(case.x_shape)
+    np.testing.assert_allclose(layer(params, x), case.reference(params, x), rtol=1e-5, atol=1e-5)
+    assert seen == [low.backward.dot.arg[:2]]
